@@ -1,0 +1,1 @@
+"""vdopt's Triton attention kernels (imported lazily: ``import vdopt`` works without Triton)."""

@@ -1,0 +1,64 @@
+"""Helpers every rewrite pass uses to create nodes that carry correct metadata."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.fx
+from torch._guards import detect_fake_mode
+from torch.utils import _pytree as pytree
+
+from vdopt import meta
+
+
+def fake_value(node_or_value: Any) -> Any:
+    """The ``meta["val"]`` of a node (fake tensor or constant), or the value itself."""
+    if isinstance(node_or_value, torch.fx.Node):
+        return node_or_value.meta["val"]
+    return node_or_value
+
+
+def _fake_mode(graph: torch.fx.Graph):
+    vals = [n.meta.get("val") for n in graph.nodes]
+    mode = detect_fake_mode(tuple(v for v in vals if isinstance(v, torch.Tensor)))
+    assert mode is not None, "graph has no fake tensor metadata; was it captured by vdopt?"
+    return mode
+
+
+def propagate_value(graph: torch.fx.Graph, target: Callable, args: tuple, kwargs: dict) -> Any:
+    """Run ``target`` on the fake values of its arguments to get the new node's ``val``."""
+    fake_args, fake_kwargs = pytree.tree_map_only(torch.fx.Node, fake_value, (args, kwargs))
+    with _fake_mode(graph):
+        return target(*fake_args, **fake_kwargs)
+
+
+def insert_call(
+    graph: torch.fx.Graph,
+    target: Callable,
+    args: tuple,
+    kwargs: dict | None = None,
+    *,
+    created_by: str,
+    like: torch.fx.Node | None = None,
+) -> torch.fx.Node:
+    """Create ``call_function`` ``target(*args, **kwargs)`` at the graph's insert point.
+
+    The node gets ``meta["val"]`` by fake propagation and ``meta[CREATED_BY]``; metadata that
+    locates it in the model (``nn_module_stack``, block tag) is copied from ``like``.
+    """
+    kwargs = kwargs or {}
+    node = graph.call_function(target, args, kwargs)
+    node.meta["val"] = propagate_value(graph, target, args, kwargs)
+    node.meta[meta.CREATED_BY] = created_by
+    if like is not None:
+        for key in ("nn_module_stack", "stack_trace", meta.BLOCK):
+            if key in like.meta:
+                node.meta[key] = like.meta[key]
+    return node
+
+
+def call_function_nodes(graph: torch.fx.Graph, *targets: Callable) -> list[torch.fx.Node]:
+    """All ``call_function`` nodes whose target is one of ``targets``, in graph order."""
+    wanted = set(targets)
+    return [n for n in graph.nodes if n.op == "call_function" and n.target in wanted]

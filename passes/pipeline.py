@@ -1,0 +1,44 @@
+"""Which passes run, in which order, for a given mesh and set of options."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from vdopt.config import PABConfig, PipeFusionConfig
+from vdopt.mesh import Mesh
+from vdopt.passes.base import GraphPass
+from vdopt.passes.simplify_layout import SimplifyLayout
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PipelineOptions:
+    """Everything that selects and configures passes."""
+
+    mesh: Mesh
+    """The device mesh."""
+    pab: PABConfig | None = None
+    """Pyramid Attention Broadcast, or None."""
+    pipefusion: PipeFusionConfig | None = None
+    """PipeFusion options, or None."""
+    kernels: str = "auto"
+    """``auto``, ``triton`` or ``sdpa``."""
+
+
+def build_pipeline(options: PipelineOptions) -> list[GraphPass]:
+    """The rewrite passes, in order. Approx passes are added only when asked for."""
+    unsupported = {
+        axis: degree
+        for axis, degree in options.mesh.degrees.items()
+        if degree > 1 and axis not in SUPPORTED_AXES
+    }
+    if unsupported:
+        raise ValueError(
+            f"Mesh({options.mesh.describe()}): this vdopt build has no pass for "
+            + ", ".join(f"{a}={d}" for a, d in unsupported.items())
+            + f"; supported axes: {sorted(SUPPORTED_AXES) or 'none (one device only)'}"
+        )
+    passes: list[GraphPass] = [SimplifyLayout()]
+    return passes
+
+
+SUPPORTED_AXES: frozenset[str] = frozenset()

@@ -1,0 +1,22 @@
+"""vdopt: a graph-rewriting inference compiler for video diffusion transformers."""
+
+from vdopt.api import inspect, optimize
+from vdopt.capture import CaptureError
+from vdopt.config import PABConfig, PipeFusionConfig
+from vdopt.mesh import Mesh
+from vdopt.passes.analysis.sites import AttentionSite, VideoLayout
+from vdopt.passes.runner import PassError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttentionSite",
+    "CaptureError",
+    "Mesh",
+    "PABConfig",
+    "PassError",
+    "PipeFusionConfig",
+    "VideoLayout",
+    "inspect",
+    "optimize",
+]

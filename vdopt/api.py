@@ -1,0 +1,63 @@
+"""The public entry points: ``optimize`` and ``inspect``."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+
+from vdopt.capture import bind_call, capture
+from vdopt.config import PABConfig, PipeFusionConfig
+from vdopt.mesh import Mesh
+from vdopt.passes.analysis.attention import analyze
+from vdopt.passes.analysis.sites import AttentionSite
+from vdopt.passes.pipeline import PipelineOptions
+from vdopt.runtime import OptimizedModel
+
+KERNEL_CHOICES = ("auto", "triton", "sdpa")
+
+
+def optimize(
+    model: torch.nn.Module,
+    mesh: Mesh | None = None,
+    *,
+    pab: PABConfig | None = None,
+    pipefusion: PipeFusionConfig | None = None,
+    kernels: str = "auto",
+    example_inputs: tuple[tuple, dict] | None = None,
+    disable_passes: Iterable[str] = (),
+) -> OptimizedModel:
+    """Compile ``model`` for ``mesh`` and return a drop-in replacement.
+
+    Args:
+        model: a diffusers transformer or any ``nn.Module`` torch.export can capture.
+        mesh: parallel degrees; ``None`` means one device.
+        pab: Pyramid Attention Broadcast settings, or ``None`` for none.
+        pipefusion: PipeFusion settings (needs ``mesh.pipefusion > 1``).
+        kernels: ``"auto"`` lowers attention to vdopt's Triton kernels on CUDA only,
+            ``"triton"`` always, ``"sdpa"`` never.
+        example_inputs: ``(args, kwargs)`` to capture now instead of at the first call.
+        disable_passes: names of passes to skip (see ``opt.report()``).
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"vdopt.optimize needs a torch.nn.Module, got {type(model).__name__}")
+    if kernels not in KERNEL_CHOICES:
+        raise ValueError(f"kernels={kernels!r}: choose one of {KERNEL_CHOICES}")
+    if pab is not None and not isinstance(pab, PABConfig):
+        raise TypeError(f"pab must be a vdopt.PABConfig or None, got {type(pab).__name__}")
+    mesh = mesh or Mesh()
+    if pipefusion is not None and mesh.pipefusion == 1:
+        raise ValueError(f"pipefusion={pipefusion} needs a mesh with pipefusion > 1 (got Mesh({mesh.describe()}))")
+    options = PipelineOptions(mesh=mesh, pab=pab, pipefusion=pipefusion, kernels=kernels)
+    opt = OptimizedModel(model, mesh, options=options, disable_passes=disable_passes)
+    if example_inputs is not None:
+        args, kwargs = example_inputs
+        opt._plan_for(bind_call(model, tuple(args), dict(kwargs)))
+    return opt
+
+
+def inspect(model: torch.nn.Module, *args: Any, **kwargs: Any) -> list[AttentionSite]:
+    """The attention sites of ``model(*args, **kwargs)``: name, kind, block, heads, lengths."""
+    gm = capture(model, bind_call(model, args, kwargs))
+    sites, _ = analyze(gm)
+    return list(sites)
