@@ -56,6 +56,11 @@ class GraphProgram:
         return {}
 
 
+def build_program(gm: torch.fx.GraphModule, ctx: PassContext, options: PipelineOptions) -> Program:
+    """The program that runs a rewritten graph: plain, or with step state (PAB, PipeFusion)."""
+    return GraphProgram(gm)
+
+
 @dataclasses.dataclass(kw_only=True)
 class Plan:
     """Everything built for one input signature."""
@@ -179,7 +184,7 @@ class OptimizedModel(torch.nn.Module):
             passes=records,
             capture_s=capture_s,
             passes_s=time.perf_counter() - start - capture_s,
-            program=GraphProgram(gm),
+            program=build_program(gm, ctx, self.options),
         )
 
     # -- step state ----------------------------------------------------------------------

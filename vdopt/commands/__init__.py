@@ -1,0 +1,1 @@
+"""Subcommands of the ``vdopt`` CLI (one module each, registered in ``vdopt.cli``)."""
