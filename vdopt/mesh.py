@@ -50,7 +50,7 @@ class Mesh:
         if self.dsp > 1 and (self.ulysses > 1 or self.ring > 1):
             raise ValueError(f"DSP replaces Ulysses/Ring on spatial-temporal models; use dsp alone ({self.describe()})")
         world = self.world_size_available()
-        if world is not None and world != self.size:
+        if world != self.size:
             raise ValueError(
                 f"Mesh({self.describe()}) needs {self.size} ranks (the product of the degrees) but the "
                 f"world size is {world}: change the degrees so their product is {world}, or launch "
@@ -74,13 +74,11 @@ class Mesh:
         return ", ".join(f"{axis}={getattr(self, axis)}" for axis in AXES)
 
     @staticmethod
-    def world_size_available() -> int | None:
-        """World size of the initialized default group, or from torchrun's env, or None."""
+    def world_size_available() -> int:
+        """World size of the initialized default group, or from torchrun's env; else 1."""
         if dist.is_available() and dist.is_initialized():
             return dist.get_world_size()
-        if "WORLD_SIZE" in os.environ:
-            return int(os.environ["WORLD_SIZE"])
-        return None
+        return int(os.environ.get("WORLD_SIZE", 1))
 
     def ensure_process_group(self, device: torch.device) -> None:
         """Initialize the default process group from torchrun's environment when needed."""

@@ -1,0 +1,112 @@
+"""Attention analysis: kinds derived from graph structure, on the zoo and unseen models."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vdopt
+from vdopt.models import build
+
+import unseen_models
+
+
+def kinds(sites) -> dict[str, int]:
+    return dict(Counter(s.kind for s in sites))
+
+
+def layers(model) -> int:
+    return model.config.num_layers if hasattr(model, "config") else model.depth
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("latte", lambda L: {"spatial": L, "temporal": L, "cross": L}),
+        ("wan", lambda L: {"full": L, "cross": L}),
+        ("cogvideox", lambda L: {"joint_text": L}),
+        ("opensora", lambda L: {"spatial": L, "temporal": L, "cross": 2 * L}),
+        ("opensora_plan", lambda L: {"full": L, "cross": L}),
+    ],
+)
+def test_zoo_kind_counts(name, expected):
+    model, args, kwargs = build(name, "tiny")
+    sites = vdopt.inspect(model, *args, **kwargs)
+    assert kinds(sites) == expected(layers(model))
+    for s in sites:
+        assert s.heads > 0 and s.head_dim > 0 and s.q_len > 0 and s.kv_len > 0
+        assert s.block is not None
+
+
+def test_latte_sites_have_the_right_shapes_and_blocks():
+    model, args, kwargs = build("latte", "tiny")
+    lat = kwargs["hidden_states"]
+    frames, spatial = lat.shape[2], (lat.shape[3] // 2) * (lat.shape[4] // 2)
+    text = kwargs["encoder_hidden_states"].shape[1]
+    sites = vdopt.inspect(model, *args, **kwargs)
+    by_kind = {k: [s for s in sites if s.kind == k] for k in ("spatial", "temporal", "cross")}
+    assert {(s.q_len, s.kv_len, s.batch) for s in by_kind["spatial"]} == {(spatial, spatial, frames)}
+    assert {(s.q_len, s.kv_len, s.batch) for s in by_kind["temporal"]} == {(frames, frames, spatial)}
+    assert {(s.q_len, s.kv_len) for s in by_kind["cross"]} == {(spatial, text)}
+    assert {s.axes for s in by_kind["temporal"]} == {("T",)}
+    assert [s.block for s in by_kind["spatial"]] == [f"transformer_blocks.{i}" for i in range(layers(model))]
+    assert [s.block for s in by_kind["temporal"]] == [f"temporal_transformer_blocks.{i}" for i in range(layers(model))]
+    assert len({s.name for s in sites}) == len(sites)
+
+
+def test_unseen_hunyuan_video_joint_text_and_text_refiner():
+    model, args, kwargs = unseen_models.hunyuan_video()
+    sites = vdopt.inspect(model, *args, **kwargs)
+    # 1 double-stream + 1 single-stream block attend jointly over video and text tokens;
+    # the token refiner attends over text only
+    assert kinds(sites) == {"joint_text": 2, "text": 1}
+    joint = [s for s in sites if s.kind == "joint_text"]
+    assert {s.q_len for s in joint} == {3 * 4 * 6 + 7}
+    assert all(s.has_mask for s in sites)
+
+
+def test_unseen_pixart_image_model_is_spatial_and_cross():
+    model, args, kwargs = unseen_models.pixart()
+    assert kinds(vdopt.inspect(model, *args, **kwargs)) == {"spatial": 2, "cross": 2}
+
+
+class NamelessSpatioTemporal(torch.nn.Module):
+    """A model with no telling module names: kinds must come from the graph alone."""
+
+    def __init__(self, dim=16, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.embed = torch.nn.Conv3d(4, dim, (1, 2, 2), stride=(1, 2, 2))
+        self.a = torch.nn.Linear(dim, 3 * dim)
+        self.b = torch.nn.Linear(dim, 3 * dim)
+        self.c_q = torch.nn.Linear(dim, dim)
+        self.c_kv = torch.nn.Linear(8, 2 * dim)
+
+    def attend(self, x, proj):  # x: (B', S, C)
+        q, k, v = proj(x).chunk(3, dim=-1)
+        split = lambda t: t.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+        return F.scaled_dot_product_attention(split(q), split(k), split(v)).transpose(1, 2).flatten(2)
+
+    def forward(self, hidden_states, context):
+        x = self.embed(hidden_states)  # (B, C, T, H, W)
+        B, C, T, H, W = x.shape
+        x = x.permute(0, 2, 3, 4, 1).reshape(B * T, H * W, C)
+        x = x + self.attend(x, self.a)  # over H*W
+        x = x.reshape(B, T, H * W, C).transpose(1, 2).reshape(B * H * W, T, C)
+        x = x + self.attend(x, self.b)  # over T
+        x = x.reshape(B, H * W, T, C).transpose(1, 2).reshape(B, T * H * W, C)
+        q = self.c_q(x).unflatten(-1, (self.heads, -1)).transpose(1, 2)
+        k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in self.c_kv(context).chunk(2, -1))
+        return x + F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+
+
+def test_kinds_come_from_structure_not_names():
+    model = NamelessSpatioTemporal().eval()
+    x, ctx = torch.randn(1, 4, 5, 6, 4), torch.randn(1, 7, 8)
+    sites = vdopt.inspect(model, x, ctx)
+    assert [(s.kind, s.q_len, s.kv_len) for s in sites] == [("spatial", 6, 6), ("temporal", 5, 5), ("cross", 15, 7)]
+    out = vdopt.optimize(model)(x, ctx)
+    torch.testing.assert_close(out, model(x, ctx), rtol=1e-6, atol=1e-6)

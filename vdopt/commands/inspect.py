@@ -1,0 +1,31 @@
+"""``vdopt inspect MODEL``: the attention-site table of a zoo model."""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("inspect", help="list the attention sites of a zoo model and their kinds")
+    p.add_argument("model", help="zoo model name (see `vdopt.models.list_models()`)")
+    p.add_argument("--size", default="tiny", choices=("tiny", "full"), help="configuration (default tiny)")
+    p.add_argument("--frames", type=int, help="video frames (pixel space)")
+    p.add_argument("--height", type=int, help="video height in pixels")
+    p.add_argument("--width", type=int, help="video width in pixels")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import vdopt
+    from vdopt.models import build
+    from vdopt.report import table
+
+    shape = {k: getattr(args, k) for k in ("frames", "height", "width") if getattr(args, k) is not None}
+    model, margs, mkwargs = build(args.model, args.size, **shape)
+    sites = vdopt.inspect(model, *margs, **mkwargs)
+    rows = [[s.name, s.kind, s.block or "-", s.heads, s.head_dim, s.batch, s.q_len, s.kv_len, "yes" if s.has_mask else "no"] for s in sites]
+    print(table(rows, ["site", "kind", "block", "heads", "head_dim", "batch", "q_len", "kv_len", "mask"]))
+    counts = Counter(s.kind for s in sites)
+    print(f"\n{len(sites)} attention sites: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    return 0
