@@ -19,7 +19,8 @@ def kinds(sites) -> dict[str, int]:
 
 
 def layers(model) -> int:
-    return model.config.num_layers if hasattr(model, "config") else model.depth
+    config = model.config
+    return config.depth if hasattr(config, "depth") else config.num_layers
 
 
 @pytest.mark.parametrize(
@@ -43,7 +44,7 @@ def test_zoo_kind_counts(name, expected):
 
 def test_latte_sites_have_the_right_shapes_and_blocks():
     model, args, kwargs = build("latte", "tiny")
-    lat = kwargs["hidden_states"]
+    lat = args[0]
     frames, spatial = lat.shape[2], (lat.shape[3] // 2) * (lat.shape[4] // 2)
     text = kwargs["encoder_hidden_states"].shape[1]
     sites = vdopt.inspect(model, *args, **kwargs)
@@ -107,6 +108,6 @@ def test_kinds_come_from_structure_not_names():
     model = NamelessSpatioTemporal().eval()
     x, ctx = torch.randn(1, 4, 5, 6, 4), torch.randn(1, 7, 8)
     sites = vdopt.inspect(model, x, ctx)
-    assert [(s.kind, s.q_len, s.kv_len) for s in sites] == [("spatial", 6, 6), ("temporal", 5, 5), ("cross", 15, 7)]
+    assert [(s.kind, s.q_len, s.kv_len) for s in sites] == [("spatial", 6, 6), ("temporal", 5, 5), ("cross", 30, 7)]
     out = vdopt.optimize(model)(x, ctx)
     torch.testing.assert_close(out, model(x, ctx), rtol=1e-6, atol=1e-6)

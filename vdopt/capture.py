@@ -66,10 +66,21 @@ def export_model(model: torch.nn.Module, kwargs: dict[str, Any]) -> torch.export
         location = f"in module {where}" if where else f"in {type(model).__name__}"
         raise CaptureError(
             f"torch.export could not capture {type(model).__name__} {location}: "
-            f"{type(e).__name__}: {cause}\n"
+            f"{type(e).__name__}: {cause}\n{_advice(e)}"
+        ) from e
+
+
+def _advice(error: Exception) -> str:
+    text = f"{type(error).__name__} {error}".lower()
+    if "data-dependent" in text or "data dependent" in text or "guardondatadependent" in text:
+        return (
             "vdopt needs a model torch.export can trace: remove data-dependent Python control "
             "flow (branches on tensor values, .item()) from that module's forward."
-        ) from e
+        )
+    return (
+        "The model failed while being traced with these inputs: check that they are what the "
+        "model expects (shapes, dtypes, devices), e.g. by calling the model eagerly."
+    )
 
 
 def capture(model: torch.nn.Module, kwargs: dict[str, Any]) -> torch.fx.GraphModule:
