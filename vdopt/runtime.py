@@ -58,6 +58,10 @@ class GraphProgram:
 
 def build_program(gm: torch.fx.GraphModule, ctx: PassContext, options: PipelineOptions) -> Program:
     """The program that runs a rewritten graph: plain, or with step state (PAB, PipeFusion)."""
+    if options.pab is not None:
+        from vdopt.pab import PABProgram  # specializes the final per-rank graph, after every pass
+
+        return PABProgram.from_graph(gm, ctx, options.pab)
     return GraphProgram(gm)
 
 
@@ -194,10 +198,11 @@ class OptimizedModel(torch.nn.Module):
             plan.program.reset()
 
     @contextlib.contextmanager
-    def cache_context(self, name: str):
+    def cache_context(self, name: str, **context: Any):
         """Accepted for diffusers pipelines that wrap each call in ``cache_context``.
 
-        vdopt keys step state by call order within a step, so the name is not needed.
+        vdopt keys step state by the timestep and the call order within a step, so neither
+        the name nor the step details (``step_index=``, ``sigma=``) are needed.
         """
         yield
 
