@@ -22,7 +22,8 @@ def run(args: argparse.Namespace) -> int:
     from vdopt.report import table
 
     shape = {k: getattr(args, k) for k in ("frames", "height", "width") if getattr(args, k) is not None}
-    model, margs, mkwargs = build(args.model, args.size, **shape)
+    # Analysis needs shapes only: on the meta device even full configurations cost no memory.
+    model, margs, mkwargs = build(args.model, args.size, device="meta", **shape)
     sites = vdopt.inspect(model, *margs, **mkwargs)
     rows = [[s.name, s.kind, s.block or "-", s.heads, s.head_dim, s.batch, s.q_len, s.kv_len, "yes" if s.has_mask else "no"] for s in sites]
     print(table(rows, ["site", "kind", "block", "heads", "head_dim", "batch", "q_len", "kv_len", "mask"]))
