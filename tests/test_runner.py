@@ -23,7 +23,7 @@ class LayoutChains(torch.nn.Module):
         b = x.permute(0, 2, 1).permute(2, 0, 1)  # a chain: one fold
         c = x.reshape(2, 3, 4)  # identity
         d = x.permute(0, 1, 2)  # identity
-        return a.sum() + b.sum(dim=0) + c * d
+        return a.sum() + b.amax(dim=0).sum() + c * d
 
 
 def ctx() -> PassContext:
@@ -86,7 +86,7 @@ def test_disabled_pass_is_skipped_and_optimize_reports_passes():
     x = torch.randn(2, 3, 4)
     opt = vdopt.optimize(model, disable_passes=["simplify_layout"])
     assert torch.equal(opt(x), model(x))
-    assert opt.plans[0].passes == []
+    assert "simplify_layout" not in [r.name for r in opt.plans[0].passes]
     opt = vdopt.optimize(model)
     opt(x)
     report = opt.report()
