@@ -7,7 +7,9 @@ import dataclasses
 from vdopt.config import PABConfig, PipeFusionConfig
 from vdopt.mesh import Mesh
 from vdopt.passes.base import GraphPass
+from vdopt.passes.sdpa_to_triton import SdpaToTriton
 from vdopt.passes.simplify_layout import SimplifyLayout
+from vdopt.passes.stage_split import StageSplit
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -38,7 +40,12 @@ def build_pipeline(options: PipelineOptions) -> list[GraphPass]:
             + f"; supported axes: {sorted(SUPPORTED_AXES) or 'none (one device only)'}"
         )
     passes: list[GraphPass] = [SimplifyLayout()]
+    if options.mesh.pipefusion > 1:
+        # first, so later passes see the stage markers as opaque ops
+        passes.append(StageSplit(stages=options.mesh.pipefusion))
+    # Last: other passes match SDPA nodes. It acts on ctx.kernels (auto: CUDA only).
+    passes.append(SdpaToTriton())
     return passes
 
 
-SUPPORTED_AXES: frozenset[str] = frozenset()
+SUPPORTED_AXES: frozenset[str] = frozenset({"pipefusion"})

@@ -1,7 +1,12 @@
 import os
 
-import pytest
-import torch
+# Without a GPU, Triton kernels run in its interpreter. It must be chosen before anything
+# (diffusers, torch._inductor) imports triton, so it is set here, before torch.
+if not os.path.exists("/dev/nvidiactl"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # Tests compare float32 results at 1e-5..1e-6; deterministic single-threaded CPU math keeps
 # them fast on the 2-core CI machine too.

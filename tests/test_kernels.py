@@ -1,0 +1,261 @@
+"""Attention kernels against an fp64 reference: Triton interpreter on CPU, real kernels on GPU.
+
+The interpreter is set here, before anything imports the kernel modules (they are imported
+lazily, on first launch). Interpreter runs use fp32 and fp16: Triton's interpreter does not
+support bf16 ``tl.dot`` (it multiplies the raw bit patterns, triton-lang/triton#11584); bf16
+is covered by the GPU tests.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import importlib.util  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import vdopt.kernels  # noqa: E402
+from vdopt.kernels.flash_attention import (  # noqa: E402
+    attention_reference,
+    flash_attention_forward,
+    head_dim_split,
+    new_lse,
+    new_output,
+)
+from vdopt.kernels.temporal_attention import temporal_attention_forward  # noqa: E402
+
+ON_GPU = torch.cuda.is_available()
+requires_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+DEVICE = "cuda" if ON_GPU else "cpu"
+
+
+def make_qkv(batch, heads, sq, skv, dim, *, dtype=torch.float32, layout="bnsd", gen=None):
+    """Random q, k, v in (B, N, S, D) shape; ``bsnd`` gives the models' strided views."""
+
+    def one(s):
+        if layout == "bsnd":
+            t = torch.randn(batch, s, heads, dim, generator=gen, dtype=torch.float32).transpose(1, 2)
+        else:
+            t = torch.randn(batch, heads, s, dim, generator=gen, dtype=torch.float32)
+        return t.to(dtype=dtype, device=DEVICE)
+
+    return one(sq), one(skv), one(skv)
+
+
+def assert_matches_reference(out, lse, q, k, v, scale, key_mask=None, *, atol):
+    ref_out, ref_lse = attention_reference(q, k, v, scale, key_mask, compute_dtype=torch.float64)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert lse.shape == q.shape[:-1] and lse.dtype == torch.float32
+    assert torch.equal(torch.isfinite(lse), torch.isfinite(ref_lse))
+    torch.testing.assert_close(out.double(), ref_out, atol=atol, rtol=0)
+    finite = torch.isfinite(ref_lse)
+    torch.testing.assert_close(lse.double()[finite], ref_lse[finite], atol=2e-5, rtol=1e-6)
+
+
+def test_head_dim_split_never_pads_to_128():
+    assert head_dim_split(64) == (64, 0)
+    assert head_dim_split(72) == (64, 16)
+    assert head_dim_split(80) == (64, 16)
+    assert head_dim_split(96) == (64, 32)
+    assert head_dim_split(128) == (128, 0)
+    assert head_dim_split(8) == (16, 0)
+    with pytest.raises(ValueError):
+        head_dim_split(512)
+
+
+def test_reference_matches_sdpa_and_zeroes_fully_masked_rows(rng_inputs):
+    q, k, v = (t.cpu() for t in make_qkv(2, 3, 11, 13, 16, gen=rng_inputs))
+    out, lse = attention_reference(q, k, v, 0.25)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, scale=0.25), atol=1e-6, rtol=1e-5)
+    mask = torch.ones(2, 13, dtype=torch.bool)
+    mask[1] = False
+    out, lse = attention_reference(q, k, v, 0.25, mask)
+    assert torch.all(out[1] == 0) and torch.all(lse[1] == float("-inf"))
+    assert torch.isfinite(out).all()
+
+
+# ----------------------------------------------------------------------------- long sequences
+
+
+@requires_triton
+@pytest.mark.parametrize(
+    "batch, heads, sq, skv, dim, layout",
+    [
+        (1, 2, 77, 77, 64, "bnsd"),  # odd length: full blocks + a partial tail
+        (2, 2, 77, 130, 72, "bsnd"),  # unequal lengths, head dim 72 split 64 + 16, strided views
+        (1, 2, 100, 33, 96, "bsnd"),
+        (2, 1, 65, 70, 128, "bnsd"),
+        (1, 3, 70, 77, 80, "bsnd"),
+    ],
+)
+def test_flash_kernel_matches_fp64_reference(batch, heads, sq, skv, dim, layout, rng_inputs):
+    q, k, v = make_qkv(batch, heads, sq, skv, dim, layout=layout, gen=rng_inputs)
+    out, lse = new_output(q), new_lse(q)
+    flash_attention_forward(q, k, v, out, lse, dim**-0.5)
+    assert out.stride() == q.stride() or layout == "bnsd"
+    assert_matches_reference(out, lse, q, k, v, dim**-0.5, atol=2e-5)
+
+
+@requires_triton
+def test_flash_kernel_key_mask_and_fully_masked_batch(rng_inputs):
+    q, k, v = make_qkv(3, 2, 40, 77, 72, layout="bsnd", gen=rng_inputs)
+    mask = torch.rand(3, 77, generator=rng_inputs) > 0.4
+    mask[1] = False  # a batch whose keys are all padding: out 0, lse -inf (Ring merges it as a no-op)
+    mask[2, :] = True
+    mask = mask.to(DEVICE)
+    out, lse = new_output(q), new_lse(q)
+    flash_attention_forward(q, k, v, out, lse, 0.3, mask)
+    assert_matches_reference(out, lse, q, k, v, 0.3, mask, atol=2e-5)
+    assert torch.all(out[1] == 0)
+
+
+@requires_triton
+def test_flash_kernel_hopper_paths_under_interpreter(rng_inputs):
+    """Tensor descriptors (TMA) and the persistent tile loop compute the same thing."""
+    q, k, v = make_qkv(2, 2, 77, 45, 72, layout="bsnd", gen=rng_inputs)
+    mask = (torch.rand(2, 45, generator=rng_inputs) > 0.3).to(DEVICE)
+    for config in ({"BLOCK_M": 64, "BLOCK_N": 32, "PERSISTENT": False}, {"BLOCK_M": 32, "BLOCK_N": 16, "PERSISTENT": True}):
+        out, lse = new_output(q), new_lse(q)
+        flash_attention_forward(q, k, v, out, lse, 0.2, mask, use_tma=True, config=config)
+        assert_matches_reference(out, lse, q, k, v, 0.2, mask, atol=2e-5)
+
+
+@requires_triton
+def test_flash_kernel_fp16(rng_inputs):
+    q, k, v = make_qkv(1, 2, 77, 64, 64, dtype=torch.float16, layout="bsnd", gen=rng_inputs)
+    out, lse = new_output(q), new_lse(q)
+    flash_attention_forward(q, k, v, out, lse, 0.125)
+    assert_matches_reference(out, lse, q, k, v, 0.125, atol=3e-3)
+
+
+# ----------------------------------------------------------------------------- short sequences
+
+
+@requires_triton
+@pytest.mark.parametrize(
+    "batch, heads, seq, dim",
+    [(48, 4, 16, 72), (37, 3, 30, 72), (20, 2, 8, 64), (9, 2, 64, 128), (12, 2, 13, 96)],
+)
+def test_temporal_kernel_matches_fp64_reference(batch, heads, seq, dim, rng_inputs):
+    q, k, v = make_qkv(batch, heads, seq, seq, dim, layout="bsnd", gen=rng_inputs)
+    out, lse = new_output(q), new_lse(q)
+    temporal_attention_forward(q, k, v, out, lse, dim**-0.5)
+    assert_matches_reference(out, lse, q, k, v, dim**-0.5, atol=2e-5)
+
+
+@requires_triton
+def test_temporal_kernel_reads_permuted_latent_in_place(rng_inputs):
+    """(B, HW, N, T, D) view of a (B, T, HW, N, D) latent: no permute copy before attention."""
+    b, t, hw, heads, dim = 2, 16, 12, 2, 72
+    latent = torch.randn(b, t, hw, heads, dim, generator=rng_inputs).to(DEVICE)
+    q = latent.permute(0, 2, 3, 1, 4)
+    kv = torch.randn(b, t, hw, heads, dim, generator=rng_inputs).to(DEVICE).permute(0, 2, 3, 1, 4)
+    out, lse = new_output(q), new_lse(q)
+    temporal_attention_forward(q, kv, kv, out, lse, 0.1)
+    assert out.stride() == q.stride()
+    assert_matches_reference(out, lse, q, kv, kv, 0.1, atol=2e-5)
+
+
+# ----------------------------------------------------------------------------- public API and op
+
+
+@pytest.mark.parametrize("sq, skv", [(16, 16), (77, 33)])  # temporal kernel, flash kernel
+def test_attention_matches_sdpa(sq, skv, rng_inputs):
+    q, k, v = make_qkv(2, 2, sq, skv, 72, layout="bsnd", gen=rng_inputs)
+    out, lse = vdopt.kernels.attention(q, k, v, return_lse=True)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v), atol=2e-5, rtol=1e-5)
+    assert lse.shape == (2, 2, sq)
+    mask = torch.rand(2, skv, generator=rng_inputs).to(DEVICE) > 0.5
+    mask[:, 0] = True
+    out = vdopt.kernels.attention(q, k, v, scale=0.2, key_mask=mask)
+    sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :], scale=0.2)
+    torch.testing.assert_close(out, sdpa, atol=2e-5, rtol=1e-5)
+
+
+def test_attention_rejects_unsupported_inputs(rng_inputs):
+    q, k, v = make_qkv(1, 2, 8, 8, 16, gen=rng_inputs)
+    with pytest.raises(ValueError, match="head_dim"):
+        vdopt.kernels.attention(q[..., :4], k[..., :4], v[..., :4])
+    with pytest.raises(ValueError, match="dtype"):
+        vdopt.kernels.attention(q, k.double(), v)
+    with pytest.raises(ValueError, match="gqa"):
+        vdopt.kernels.attention(q, k[:, :1], v[:, :1])
+    with pytest.raises(ValueError, match="bool"):
+        vdopt.kernels.attention(q, k, v, key_mask=torch.ones(1, 8, device=DEVICE))
+
+
+def test_attention_op_opcheck(rng_inputs):
+    from vdopt import ops  # noqa: F401
+
+    q, k, v = make_qkv(2, 2, 9, 70, 72, layout="bsnd", gen=rng_inputs)
+    mask = (torch.rand(2, 70, generator=rng_inputs) > 0.5).to(DEVICE)
+    for args in [(q, k, v, 0.3, None), (q, k, v, 0.3, mask), (q, q, q, 0.2, None)]:
+        torch.library.opcheck(torch.ops.vdopt.attention.default, args)
+
+
+def test_export_keeps_one_attention_node(rng_inputs):
+    class Model(torch.nn.Module):
+        def forward(self, q, k, v):
+            return vdopt.kernels.attention(q, k, v).transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+
+    q, k, v = make_qkv(2, 2, 20, 20, 16, layout="bsnd", gen=rng_inputs)
+    gm = torch.export.export(Model(), (q, k, v), strict=False).module()
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.vdopt.attention.default) == 1
+    torch.testing.assert_close(gm(q, k, v), Model()(q, k, v))
+
+
+def test_import_and_reference_fallback_without_triton():
+    """Without Triton, ``vdopt::attention`` is a custom op running the reference."""
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, vdopt, vdopt.kernels\n"
+        "q = torch.randn(2, 3, 20, 16)\n"
+        "out, lse = vdopt.kernels.attention(q, q, q, return_lse=True)\n"
+        "ref = torch.nn.functional.scaled_dot_product_attention(q, q, q)\n"
+        "assert (out - ref).abs().max() < 1e-5\n"
+        "torch.library.opcheck(torch.ops.vdopt.attention.default, (q, q, q, 0.25, None))\n"
+        "assert 'triton' not in {m.split('.')[0] for m in sys.modules if sys.modules[m] is not None}\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=300)
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+def _relative_error(out, ref):
+    return ((out.float() - ref).norm() / ref.norm()).item()
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
+@pytest.mark.parametrize(
+    "batch, heads, sq, skv, dim",
+    [(1, 4, 1000, 1000, 128), (2, 4, 1024, 77, 72), (1, 4, 777, 777, 64), (1, 2, 513, 1000, 96), (256, 8, 16, 16, 72), (64, 8, 30, 30, 72)],
+)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_error_at_most_twice_sdpa(batch, heads, sq, skv, dim, dtype):
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = make_qkv(batch, heads, sq, skv, dim, dtype=dtype, layout="bsnd", gen=gen)
+    ref, ref_lse = attention_reference(q, k, v, dim**-0.5, compute_dtype=torch.float32)
+    out, lse = vdopt.kernels.attention(q, k, v, return_lse=True)
+    sdpa = F.scaled_dot_product_attention(q, k, v)
+    assert _relative_error(out, ref) <= 2 * _relative_error(sdpa, ref)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-2, rtol=1e-3)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
+def test_gpu_opcheck_and_key_mask():
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = make_qkv(2, 2, 300, 200, 72, dtype=torch.bfloat16, layout="bsnd", gen=gen)
+    mask = (torch.rand(2, 200, generator=gen) > 0.5).cuda()
+    mask[1] = False
+    torch.library.opcheck(torch.ops.vdopt.attention.default, (q, k, v, 0.1, mask))
+    out, lse = vdopt.kernels.attention(q, k, v, scale=0.1, key_mask=mask, return_lse=True)
+    ref, _ = attention_reference(q, k, v, 0.1, mask, compute_dtype=torch.float32)
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=0)
+    assert torch.all(lse[1] == float("-inf"))
