@@ -7,6 +7,8 @@ import dataclasses
 from vdopt.config import PABConfig, PipeFusionConfig
 from vdopt.mesh import Mesh
 from vdopt.passes.base import GraphPass
+from vdopt.passes.cfg_parallel import CFGParallel
+from vdopt.passes.sequence_parallel import SequenceParallel
 from vdopt.passes.sdpa_to_triton import SdpaToTriton
 from vdopt.passes.simplify_layout import SimplifyLayout
 from vdopt.passes.stage_split import StageSplit
@@ -24,6 +26,8 @@ class PipelineOptions:
     """PipeFusion options, or None."""
     kernels: str = "auto"
     """``auto``, ``triton`` or ``sdpa``."""
+    compile: bool | None = None
+    """Run the graphs through Inductor: ``None`` on CUDA only (``vdopt.compile.should_compile``)."""
 
 
 def build_pipeline(options: PipelineOptions) -> list[GraphPass]:
@@ -42,10 +46,16 @@ def build_pipeline(options: PipelineOptions) -> list[GraphPass]:
     passes: list[GraphPass] = [SimplifyLayout()]
     if options.mesh.pipefusion > 1:
         # first, so later passes see the stage markers as opaque ops
-        passes.append(StageSplit(stages=options.mesh.pipefusion))
+        balance = options.pipefusion.balance if options.pipefusion is not None else "flops"
+        passes.append(StageSplit(stages=options.mesh.pipefusion, balance=balance))
+    if options.mesh.cfg > 1:
+        # before sequence parallelism: that pass then sees a graph of half the batch
+        passes.append(CFGParallel())
+    if options.mesh.sequence_degree > 1:
+        passes.append(SequenceParallel())
     # Last: other passes match SDPA nodes. It acts on ctx.kernels (auto: CUDA only).
     passes.append(SdpaToTriton())
     return passes
 
 
-SUPPORTED_AXES: frozenset[str] = frozenset({"pipefusion"})
+SUPPORTED_AXES: frozenset[str] = frozenset({"pipefusion", "cfg", "ulysses", "ring", "dsp"})

@@ -71,6 +71,9 @@ def run_passes(
             result = p(gm, ctx)
             gm = result.gm
             _check_graph(gm)
+        except ValueError as e:
+            # a user mistake the pass detected (a degree the model cannot take): keep the type
+            raise ValueError(f"pass '{p.name}': {e}") from e
         except Exception as e:
             ran = ", ".join(r.name for r in records) or "no other pass"
             raise PassError(f"pass '{p.name}' ({p.tier}) failed after {ran}: {type(e).__name__}: {e}") from e

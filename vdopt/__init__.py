@@ -1,6 +1,7 @@
 """vdopt: a graph-rewriting inference compiler for video diffusion transformers."""
 
 from vdopt.api import inspect, optimize
+from vdopt.artifacts import ArtifactError, load
 from vdopt.capture import CaptureError
 from vdopt.config import PABConfig, PipeFusionConfig
 from vdopt.mesh import Mesh
@@ -10,6 +11,7 @@ from vdopt.passes.runner import PassError
 __version__ = "0.1.0"
 
 __all__ = [
+    "ArtifactError",
     "AttentionSite",
     "CaptureError",
     "Mesh",
@@ -18,5 +20,6 @@ __all__ = [
     "PipeFusionConfig",
     "VideoLayout",
     "inspect",
+    "load",
     "optimize",
 ]

@@ -7,6 +7,7 @@ from typing import Any, Iterable
 import torch
 
 from vdopt.capture import bind_call, capture
+from vdopt.compile import should_compile
 from vdopt.config import PABConfig, PipeFusionConfig
 from vdopt.mesh import Mesh
 from vdopt.passes.analysis.attention import analyze
@@ -26,6 +27,7 @@ def optimize(
     kernels: str = "auto",
     example_inputs: tuple[tuple, dict] | None = None,
     disable_passes: Iterable[str] = (),
+    compile: bool | None = None,
 ) -> OptimizedModel:
     """Compile ``model`` for ``mesh`` and return a drop-in replacement.
 
@@ -38,6 +40,8 @@ def optimize(
             ``"triton"`` always, ``"sdpa"`` never.
         example_inputs: ``(args, kwargs)`` to capture now instead of at the first call.
         disable_passes: names of passes to skip (see ``opt.report()``).
+        compile: run the rewritten graphs through Inductor (``torch.compile``); ``None``
+            compiles on CUDA only, ``False`` never, ``True`` also on the CPU.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"vdopt.optimize needs a torch.nn.Module, got {type(model).__name__}")
@@ -48,7 +52,8 @@ def optimize(
     mesh = mesh or Mesh()
     if pipefusion is not None and mesh.pipefusion == 1:
         raise ValueError(f"pipefusion={pipefusion} needs a mesh with pipefusion > 1 (got Mesh({mesh.describe()}))")
-    options = PipelineOptions(mesh=mesh, pab=pab, pipefusion=pipefusion, kernels=kernels)
+    should_compile(compile, "cpu")  # rejects a non-bool now rather than at the first call
+    options = PipelineOptions(mesh=mesh, pab=pab, pipefusion=pipefusion, kernels=kernels, compile=compile)
     opt = OptimizedModel(model, mesh, options=options, disable_passes=disable_passes)
     if example_inputs is not None:
         args, kwargs = example_inputs

@@ -8,7 +8,7 @@ import logging
 import sys
 
 # Each module defines ``register(subparsers)``, which adds its parser and sets ``func``.
-COMMANDS = ("demo", "inspect")
+COMMANDS = ("demo", "inspect", "compile", "bench")
 
 
 def main(argv: list[str] | None = None) -> int:

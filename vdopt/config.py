@@ -29,13 +29,15 @@ class PABConfig:
     """Timesteps strictly inside this open interval may reuse cross-attention."""
     mlp_range: int | None = None
     """Optionally also reuse the feed-forward output every this many calls (VideoSys' MLP broadcast)."""
+    mlp_window: tuple[float, float] = (100, 800)
+    """Timesteps strictly inside this open interval may reuse the feed-forward output."""
 
     def __post_init__(self) -> None:
         for field in ("spatial_range", "temporal_range", "cross_range", "mlp_range"):
             value = getattr(self, field)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"PABConfig.{field} must be a positive int or None, got {value!r}")
-        for field in ("spatial_window", "temporal_window", "cross_window"):
+        for field in ("spatial_window", "temporal_window", "cross_window", "mlp_window"):
             low, high = getattr(self, field)
             if low > high:
                 raise ValueError(f"PABConfig.{field} must be (low, high) with low <= high")
@@ -49,7 +51,17 @@ class PipeFusionConfig:
     """Number of patches the latent tokens are split into (M)."""
     warmup_steps: int = 1
     """Steps run with fresh K/V of every patch (exact) before stale K/V is used."""
+    axis: str | None = None
+    """Token grid axis the patches cut (``"T"``, ``"H"`` or ``"W"``); None: H, else T, else W,
+    the first with at least ``patches`` entries."""
+    balance: str = "flops"
+    """How stages are balanced: ``"flops"`` (estimated from the graph's shapes) or
+    ``"measured"`` (each block timed once on random inputs while compiling)."""
 
     def __post_init__(self) -> None:
         if self.patches < 1 or self.warmup_steps < 0:
             raise ValueError("PipeFusionConfig needs patches >= 1 and warmup_steps >= 0")
+        if self.axis not in (None, "T", "H", "W"):
+            raise ValueError(f"PipeFusionConfig.axis={self.axis!r}: choose 'T', 'H', 'W' or None")
+        if self.balance not in ("flops", "measured"):
+            raise ValueError(f"PipeFusionConfig.balance={self.balance!r}: choose 'flops' or 'measured'")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import itertools
 import logging
 import math
 import os
@@ -16,6 +17,20 @@ log = logging.getLogger(__name__)
 # Outermost to innermost: the innermost axes get neighbouring ranks (the fastest links), so
 # Ulysses' all-to-alls stay on NVLink while CFG and pipeline traffic may cross nodes.
 AXES = ("cfg", "pipefusion", "ring", "ulysses", "dsp")
+
+
+@dataclasses.dataclass(frozen=True)
+class AxisGroup:
+    """This rank's process group along one mesh axis."""
+
+    axis: str
+    """Mesh axis name (``"ulysses"``, ...)."""
+    group_name: str
+    """Name of the process group, as functional collectives and ``vdopt::`` ops take it."""
+    size: int
+    """Ranks along the axis (the axis degree)."""
+    rank: int
+    """This rank's coordinate along the axis (its rank within the group)."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -39,6 +54,8 @@ class Mesh:
     """Dynamic sequence parallel degree for spatial-temporal models."""
     timeout_s: float = 300.0
     """Collective timeout: a dead rank becomes an error on the others after this long."""
+    _groups: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
+    # Process groups of this mesh, created once on first use (see ``axis_groups``).
 
     def __post_init__(self) -> None:
         for axis in AXES:
@@ -92,6 +109,60 @@ class Mesh:
             )
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=self.timeout_s))
+
+    def coordinates(self, rank: int) -> dict[str, int]:
+        """Coordinates of a global rank: row-major over ``AXES`` (the last axis varies fastest)."""
+        coords = {}
+        for axis in reversed(AXES):
+            degree = getattr(self, axis)
+            coords[axis] = rank % degree
+            rank //= degree
+        return {axis: coords[axis] for axis in AXES}
+
+    def rank_of(self, coords: dict[str, int]) -> int:
+        rank = 0
+        for axis in AXES:
+            rank = rank * getattr(self, axis) + coords.get(axis, 0)
+        return rank
+
+    def axis_groups(self, device: torch.device) -> dict[str, AxisGroup]:
+        """This rank's process group along every axis of degree > 1, created once per mesh.
+
+        Every rank creates every group, axis by axis in ``AXES`` order and within an axis in
+        rank order, so group names are the same on every rank and in every process that
+        builds the same mesh first (AOTInductor bakes the names into its packages). Groups
+        get ``timeout_s``: a collective whose peer died fails after that long instead of
+        hanging.
+        """
+        if self.size == 1:
+            return {}
+        key = device.type
+        if key not in self._groups:
+            self.ensure_process_group(device)
+            world = dist.get_world_size()
+            if world != self.size:
+                raise ValueError(
+                    f"Mesh({self.describe()}) needs {self.size} ranks but the process group has {world}: "
+                    f"change the degrees so their product is {world}"
+                )
+            me = dist.get_rank()
+            timeout = datetime.timedelta(seconds=self.timeout_s)
+            groups: dict[str, AxisGroup] = {}
+            for axis in AXES:
+                degree = getattr(self, axis)
+                if degree == 1:
+                    continue
+                others = [a for a in AXES if a != axis]
+                for fixed in itertools.product(*(range(getattr(self, a)) for a in others)):
+                    coords = dict(zip(others, fixed))
+                    ranks = [self.rank_of({**coords, axis: i}) for i in range(degree)]
+                    group = dist.new_group(ranks, timeout=timeout)
+                    if me in ranks:
+                        groups[axis] = AxisGroup(axis=axis, group_name=group.group_name, size=degree,
+                                                 rank=ranks.index(me))
+            log.debug("mesh %s: rank %d groups %s", self.describe(), me, groups)
+            self._groups[key] = groups
+        return self._groups[key]
 
     def device_mesh(self, device: torch.device):
         """The ``DeviceMesh`` with one named dim per axis of degree > 1 (fixed order)."""

@@ -15,3 +15,7 @@ CREATED_BY = "vdopt.created_by"
 
 STAGE_BOUNDARY = "vdopt.stage_boundary"
 """Set on pipeline stage marker nodes (PipeFusion)."""
+
+COMM = "vdopt.comm"
+"""On collective nodes a pass inserts: ``vdopt.collectives.CommRecord`` (kind, bytes this rank
+sends per call, the attention site or purpose it serves)."""

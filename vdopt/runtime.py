@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import time
+from pathlib import Path
 from typing import Any, Iterable, Protocol
 
 import torch
@@ -18,6 +20,7 @@ import torch.distributed as dist
 from torch.utils import _pytree as pytree
 
 from vdopt.capture import bind_call, capture
+from vdopt.compile import compile_graph, compile_summary
 from vdopt.mesh import Mesh
 from vdopt.passes.analysis.attention import analyze
 from vdopt.passes.analysis.sites import AttentionSite, VideoLayout
@@ -53,16 +56,21 @@ class GraphProgram:
         pass
 
     def summary(self) -> dict[str, Any]:
-        return {}
+        return compile_summary([self.gm])
 
 
 def build_program(gm: torch.fx.GraphModule, ctx: PassContext, options: PipelineOptions) -> Program:
     """The program that runs a rewritten graph: plain, or with step state (PAB, PipeFusion)."""
+    if ctx.mesh.pipefusion > 1:
+        from vdopt.config import PipeFusionConfig
+        from vdopt.pipefusion import PipeFusionProgram  # cuts the marked graph into this rank's stage
+
+        return PipeFusionProgram.from_graph(gm, ctx, options.pipefusion or PipeFusionConfig())
     if options.pab is not None:
         from vdopt.pab import PABProgram  # specializes the final per-rank graph, after every pass
 
-        return PABProgram.from_graph(gm, ctx, options.pab)
-    return GraphProgram(gm)
+        return PABProgram.from_graph(gm, ctx, options.pab, compile=options.compile)
+    return GraphProgram(compile_graph(gm, ctx.device, enabled=options.compile, name="main"))
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -216,6 +224,16 @@ class OptimizedModel(torch.nn.Module):
         from vdopt.report import render_report
 
         return render_report(self._model_name, self.mesh, self.plans)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write AOTInductor artifacts (a package per rank and variant, and ``manifest.json``).
+
+        Call it on every rank, after at least one call (artifacts are compiled for the input
+        shapes seen). ``vdopt.load(path)`` runs them without the model's code.
+        """
+        from vdopt.artifacts import save
+
+        return save(self, path)
 
     def __getattr__(self, name: str) -> Any:
         # nn.Module resolves parameters/submodules first; anything else (config, dtype,

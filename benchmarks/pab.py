@@ -1,0 +1,315 @@
+"""Pyramid Attention Broadcast: a full denoising schedule with and without PAB, in one run.
+
+    python benchmarks/pab.py                                  # CPU: mid-size Latte, 50 steps
+    python benchmarks/pab.py --model wan --size full --frames 81 --height 480 --width 832 \\
+        --steps 20 --device cuda --dtype bfloat16              # GPU: Wan2.1-1.3B
+    python benchmarks/pab.py --model latte --size full --frames 16 --height 512 --width 512 \\
+        --batch 2 --device cuda --dtype bfloat16               # GPU: Latte-1, batched CFG
+
+Methods, each timed over the same schedule (linear 999 -> 0, one call per step, the latent
+updated from the prediction) after a short warm-up, in this order:
+
+* ``eager``: the model as is;
+* ``diffusers_pab``: a copy of the model with diffusers' ``apply_pyramid_attention_broadcast``
+  (diffusers models only; Latte's temporal blocks are named explicitly so the hook classifies
+  them right);
+* ``vdopt``: ``vdopt.optimize(model)``;
+* ``vdopt_pab``: ``vdopt.optimize(model, pab=...)`` with the same ranges and windows.
+
+The default CPU model, ``latte-mid``, is the zoo's Latte-1 architecture (every switch of the
+published config) at 4 layers of width 256 (4 heads x 64) with 512-dim captions, on an
+8x128x128 video (8 x 16 x 16 latent, 512 tokens per sample) with a batched CFG pair: big
+enough that projections and attention, not Python overhead, dominate a step; small enough
+to time 4 methods x 50 steps a few times on 2 CPU cores.
+
+Timing: generations are interleaved (every method once per round, ``--repeats`` rounds) so
+load from other processes hits all methods alike; the JSON keeps every time, the median and
+the minimum, and speed-ups are computed from the minimum (the least-disturbed run). On the
+CPU the default clock is this process's CPU time with one thread (``time.process_time``):
+on a shared machine wall time mostly measures the other processes; wall times are kept too.
+
+Results: ``benchmarks/results/pab_<model>_<device>.json`` and ``.png`` with device,
+versions and date. The final latents of ``vdopt_pab`` and ``diffusers_pab`` are compared
+(relative error), so a speed-up never comes from computing something else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import logging
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger("vdopt.benchmarks.pab")
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+# PAB settings, by name: "anchors" is the diffusers-hook baseline of ANCHORS.md (spatial 2,
+# temporal 4, cross 6 over (100, 800)); "paper" is the model's default (models/pab_defaults.py).
+PAB_SETTINGS = ("anchors", "paper")
+
+
+def build_model(args) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The model and the keyword inputs of one call."""
+    from vdopt.models import build
+
+    from vdopt.capture import bind_call
+
+    dtype = getattr(torch, args.dtype)
+    if args.model == "latte-mid":
+        from diffusers import LatteTransformer3DModel
+        from vdopt.models.diffusers_models import LATTE_CONFIGS
+
+        T, H, W = args.frames, args.height // 8, args.width // 8
+        torch.manual_seed(args.seed)
+        config = {
+            **LATTE_CONFIGS["full"], "num_layers": 4, "num_attention_heads": 4, "attention_head_dim": 64,
+            "cross_attention_dim": 256, "caption_channels": 512, "video_length": T,
+        }
+        model = LatteTransformer3DModel(**config).to(device=args.device, dtype=dtype).eval()
+        g = torch.Generator().manual_seed(args.seed + 1)
+        inputs = {
+            "hidden_states": torch.randn(args.batch, 4, T, H, W, generator=g),
+            "timestep": torch.full((args.batch,), 999.0),
+            "encoder_hidden_states": torch.randn(args.batch, args.text_len, 512, generator=g),
+            "return_dict": False,
+        }
+        inputs = {k: v.to(args.device, dtype if v.is_floating_point() and k != "timestep" else v.dtype)
+                  if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+        return model, inputs
+    shape = {k: getattr(args, k) for k in ("frames", "height", "width") if getattr(args, k) is not None}
+    model, a, kw = build(args.model, args.size, batch=args.batch, seed=args.seed, dtype=dtype, device=args.device, **shape)
+    return model, bind_call(model, a, kw)
+
+
+def pab_config(args):
+    from vdopt.models.pab_defaults import default_pab_config
+
+    import vdopt
+
+    if args.pab == "paper":
+        return default_pab_config("latte" if args.model == "latte-mid" else args.model)
+    return vdopt.PABConfig(spatial_range=2, temporal_range=4, cross_range=6)
+
+
+def diffusers_hooked(model: torch.nn.Module, config, clock: dict) -> torch.nn.Module | None:
+    """A copy of ``model`` with diffusers' PAB hook, or None if diffusers cannot hook it."""
+    from diffusers import (
+        PyramidAttentionBroadcastConfig,
+        apply_pyramid_attention_broadcast,
+    )
+    from diffusers.models.modeling_utils import ModelMixin
+
+    if not isinstance(model, ModelMixin) or type(model).__module__.startswith("vdopt"):
+        return None
+    names = [n for n, _ in model.named_modules()]
+    has_temporal = any(n.startswith("temporal_transformer_blocks.") for n in names)
+    identifiers = {}
+    if has_temporal:  # diffusers' default spatial identifiers also match "temporal_transformer_blocks"
+        identifiers = {
+            "spatial_attention_block_identifiers": (r"^transformer_blocks\.",),
+            "temporal_attention_block_identifiers": (r"^temporal_transformer_blocks\.",),
+            "cross_attention_block_identifiers": (r"^transformer_blocks\.",),
+        }
+    hooked = copy.deepcopy(model)
+    apply_pyramid_attention_broadcast(
+        hooked,
+        PyramidAttentionBroadcastConfig(
+            spatial_attention_block_skip_range=config.spatial_range,
+            temporal_attention_block_skip_range=config.temporal_range,
+            cross_attention_block_skip_range=config.cross_range,
+            spatial_attention_timestep_skip_range=config.spatial_window,
+            temporal_attention_timestep_skip_range=config.temporal_window,
+            cross_attention_timestep_skip_range=config.cross_window,
+            current_timestep_callback=lambda: clock["t"],
+            **identifiers,
+        ),
+    )
+    return hooked
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def generate(fn: Callable, inputs: dict, timesteps: list[float], clock: dict, device: str) -> tuple[float, float, torch.Tensor]:
+    """Wall seconds and this process's CPU seconds for one generation, and the final latent."""
+    x = inputs["hidden_states"]
+    batch = x.shape[0]
+    sync(device)
+    start, start_cpu = time.perf_counter(), time.process_time()
+    with torch.no_grad():
+        for t in timesteps:
+            clock["t"] = t
+            ts = torch.full((batch,), t, device=x.device)
+            out = fn(**{**inputs, "hidden_states": x, "timestep": ts})[0]
+            x = x - 0.02 * out.narrow(1, 0, x.shape[1]).to(x.dtype)
+    sync(device)
+    return time.perf_counter() - start, time.process_time() - start_cpu, x
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def versions() -> dict[str, str]:
+    import diffusers
+
+    import vdopt
+
+    out = {"torch": torch.__version__, "diffusers": diffusers.__version__, "vdopt": vdopt.__version__,
+           "python": platform.python_version()}
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return out
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(result["methods"])
+    per_step = [result["methods"][m]["seconds_per_step"] * 1e3 for m in methods]
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    bars = ax.bar(methods, per_step, color=["#888888", "#d98c3f", "#5b8bd9", "#2f5fb3"][: len(methods)])
+    eager = result["methods"]["eager"]["seconds_per_step"]
+    for bar, m in zip(bars, methods):
+        speedup = eager / result["methods"][m]["seconds_per_step"]
+        ax.annotate(f"{speedup:.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center", va="bottom", fontsize=9)
+    ax.set_ylabel(f"{result['clock']} ms per step (best generation / steps)")
+    ax.set_title(f"PAB, {result['model']} {result['shape']}, {result['steps']} steps\n{result['device']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="latte-mid", help="latte-mid (CPU default) or a zoo name")
+    parser.add_argument("--size", default="full", help="zoo size for zoo models")
+    parser.add_argument("--frames", type=int, default=None)
+    parser.add_argument("--height", type=int, default=None)
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--text-len", type=int, default=32, help="caption tokens (latte-mid)")
+    parser.add_argument("--batch", type=int, default=2, help="2 = batched CFG pair")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--warmup-steps", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds: generations timed per method")
+    parser.add_argument("--pab", choices=PAB_SETTINGS, default="anchors")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads")
+    parser.add_argument("--clock", choices=("auto", "wall", "cpu"), default="auto",
+                        help="what speed-ups are computed from; auto: CPU time on the CPU, wall time on CUDA")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    args = parser.parse_args(argv)
+    if args.model == "latte-mid":
+        args.frames, args.height, args.width = args.frames or 8, args.height or 128, args.width or 128
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    from diffusers.hooks import HookRegistry
+
+    import vdopt
+
+    model, inputs = build_model(args)
+    config = pab_config(args)
+    timesteps = [float(t) for t in torch.linspace(999, 0, args.steps).round()]
+    warmup = timesteps[: args.warmup_steps]
+    clock = {"t": 0.0}
+    example = ((), inputs)
+
+    methods: dict[str, tuple[Callable, Callable[[], None]]] = {"eager": (model, lambda: None)}
+    hooked = diffusers_hooked(model, config, clock)
+    if hooked is not None:
+        methods["diffusers_pab"] = (hooked, lambda: HookRegistry.check_if_exists_or_initialize(hooked).reset_stateful_hooks())
+    plain = vdopt.optimize(model, example_inputs=example)
+    methods["vdopt"] = (plain, plain.reset)
+    opt = vdopt.optimize(model, pab=config, example_inputs=example)
+    opt.plans[0].program.variants()  # build every variant now, not inside the timed loop
+    methods["vdopt_pab"] = (opt, opt.reset)
+
+    result: dict[str, Any] = {
+        "benchmark": "pab",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": device_name(args.device),
+        "load_average_at_start": list(os.getloadavg()),
+        "versions": versions(),
+        "model": args.model,
+        "shape": f"batch {inputs['hidden_states'].shape[0]}, latent {tuple(inputs['hidden_states'].shape[1:])}",
+        "dtype": args.dtype,
+        "steps": args.steps,
+        "schedule": "linear 999 -> 0, one call per step",
+        "pab_config": {k: v for k, v in vars(config).items()},
+        "methods": {},
+    }
+    clock_kind = args.clock if args.clock != "auto" else ("wall" if args.device.startswith("cuda") else "cpu")
+    result["clock"] = clock_kind
+    finals: dict[str, torch.Tensor] = {}
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    walls: dict[str, list[float]] = {name: [] for name in methods}
+    for name, (fn, reset) in methods.items():
+        reset()
+        generate(fn, inputs, warmup, clock, args.device)
+    for round_ in range(args.repeats):
+        for name, (fn, reset) in methods.items():
+            reset()
+            wall, cpu, finals[name] = generate(fn, inputs, timesteps, clock, args.device)
+            times[name].append(cpu if clock_kind == "cpu" else wall)
+            walls[name].append(wall)
+            log.info("round %d %-14s %8.2f s wall, %8.2f s CPU", round_, name, wall, cpu)
+    for name, all_times in times.items():
+        best = min(all_times)
+        result["methods"][name] = {
+            "seconds": best, "seconds_median": statistics.median(all_times), "seconds_all": all_times,
+            "seconds_per_step": best / args.steps, "wall_seconds_all": walls[name],
+        }
+        log.info("%-14s %8.2f %s s  (%.1f ms/step, best of %d)", name, best, clock_kind, 1e3 * best / args.steps, len(all_times))
+
+    eager = result["methods"]["eager"]["seconds"]
+    for name, entry in result["methods"].items():
+        entry["speedup_vs_eager"] = eager / entry["seconds"]
+    if "diffusers_pab" in result["methods"]:
+        result["vdopt_pab_vs_diffusers_pab"] = result["methods"]["diffusers_pab"]["seconds"] / result["methods"]["vdopt_pab"]["seconds"]
+        result["final_latent_rel_err_vdopt_pab_vs_diffusers_pab"] = rel_err(finals["vdopt_pab"], finals["diffusers_pab"])
+    result["final_latent_rel_err_vdopt_vs_eager"] = rel_err(finals["vdopt"], finals["eager"])
+    result["final_latent_rel_err_vdopt_pab_vs_eager"] = rel_err(finals["vdopt_pab"], finals["eager"])
+    result["vdopt_pab_summary"] = opt.plans[0].program.summary()
+    result["load_average_at_end"] = list(os.getloadavg())
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"pab_{args.model}_{args.device.split(':')[0]}"
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    plot(result, args.out / f"{stem}.png")
+    log.info("wrote %s.json and .png to %s", stem, args.out)
+    return result
+
+
+if __name__ == "__main__":
+    main()

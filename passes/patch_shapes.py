@@ -1,0 +1,888 @@
+"""Rewrite a graph captured on the whole latent so that it computes one patch of it (PipeFusion).
+
+A *patch* is a range ``start:start+length`` of one axis of the latent token grid (T, H or W,
+full extent E). ``infer_patch_dims`` finds, for every tensor of the graph, the dim that holds
+that axis and how: the dim is laid out as ``[offset | outer x E x inner | tail]`` (row-major),
+where ``offset``/``tail`` are tokens outside the grid (text tokens concatenated into joint
+attention) and ``outer``/``inner`` the grid axes around the patched one (a ``PatchDim``). It
+works from the patch embedding convolution forward, op by op, over shapes only (no module
+names), and fails with the node's name on an op that mixes tokens in a way a patch cannot
+follow (a reduction over tokens, a gather, a convolution).
+
+``rewrite_for_patch`` then rebuilds the graph with every such dim resized from E to
+``length``: literal shapes in reshapes, expands and splits are recomputed, and every node's
+``meta["val"]`` is propagated again with fake tensors and checked against the expected shape.
+Values computed outside the rewritten graph (prologue, per-stage setup) come in whole and are
+sliced to the patch inside it. Self-attention whose keys hold the patched axis along the
+sequence gets its K/V from ``vdopt::merge_patch_kv``: fresh for the patch, the rest from a
+cache input (the stale K/V of PipeFusion), and returns the merged K/V as extra outputs.
+
+Legend: B batch, N heads, S tokens, D head dim; E full extent of the patched axis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import operator
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.fx
+from torch._guards import detect_fake_mode
+from torch.utils import _pytree as pytree
+
+from vdopt import meta
+from vdopt.passes.graph_utils import fake_value
+
+aten = torch.ops.aten
+CREATED_BY = "patch_shapes"
+
+
+class PatchError(ValueError):
+    """The graph mixes latent tokens in a way a patch cannot follow."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PatchDim:
+    """Where the patched axis lives in a tensor: dim ``dim`` = ``[offset | outer x E x inner | tail]``."""
+
+    dim: int
+    offset: int = 0
+    outer: int = 1
+    inner: int = 1
+    tail: int = 0
+
+    def size(self, extent: int) -> int:
+        """Size of the dim when the patched axis has ``extent`` entries."""
+        return self.offset + self.outer * extent * self.inner + self.tail
+
+    def segment(self, extent: int) -> int:
+        return self.outer * extent * self.inner
+
+    def at(self, dim: int) -> "PatchDim":
+        return dataclasses.replace(self, dim=dim)
+
+
+Dims = PatchDim | None | tuple  # a tuple for ops returning several tensors
+
+
+@dataclasses.dataclass(kw_only=True)
+class PatchDims:
+    """The result of ``infer_patch_dims``."""
+
+    extent: int
+    """E: the full extent of the patched axis."""
+    dims: dict[str, Dims]
+    """Node name -> where its value holds the patched axis (None: it does not)."""
+    required: dict[str, PatchDim]
+    """Values outside the body that body nodes read patch by patch (sliced when read)."""
+    stale: dict[str, tuple[PatchDim, PatchDim]]
+    """Attention nodes whose K and V hold the patched axis along the sequence: their K/V dims."""
+    lost: list[str] = dataclasses.field(default_factory=list)
+    """Outside the body: nodes where the axis could not be followed, and why."""
+
+    def of(self, name: str) -> Dims:
+        return self.required.get(name) or self.dims.get(name)
+
+
+# -- shape helpers -----------------------------------------------------------------------------
+
+
+def _val(x: Any) -> Any:
+    return x.meta.get("val") if isinstance(x, torch.fx.Node) else x
+
+
+def _shape(x: Any) -> tuple[int, ...] | None:
+    v = _val(x)
+    return tuple(int(s) for s in v.shape) if isinstance(v, torch.Tensor) else None
+
+
+def _norm_dim(dim: int, rank: int) -> int:
+    return dim + rank if dim < 0 else dim
+
+
+def resized(shape: Sequence[int], pd: PatchDim | None, extent: int, length: int) -> tuple[int, ...]:
+    """``shape`` of a tensor with the patched axis at ``length`` instead of ``extent``."""
+    shape = tuple(shape)
+    if pd is None:
+        return shape
+    assert shape[pd.dim] == pd.size(extent), (shape, pd, extent)
+    return shape[: pd.dim] + (pd.size(length),) + shape[pd.dim + 1 :]
+
+
+def _reshape_dim(in_shape: Sequence[int], pd: PatchDim, out_shape: Sequence[int], extent: int) -> PatchDim:
+    """Where the patched axis lands when ``in_shape`` is reshaped to ``out_shape``."""
+    d = pd.dim
+    if pd.offset or pd.tail:
+        # a dim with text tokens must pass through untouched
+        before = math.prod(in_shape[:d])
+        for d2 in range(len(out_shape)):
+            if math.prod(out_shape[:d2]) == before and out_shape[d2] == in_shape[d]:
+                return pd.at(d2)
+        raise PatchError(f"reshape {tuple(in_shape)} -> {tuple(out_shape)} splits a dim that mixes text and video tokens")
+    stride = pd.inner * math.prod(in_shape[d + 1 :])  # flat stride of the patched axis
+    block = stride * extent
+    for d2 in range(len(out_shape)):
+        if out_shape[d2] == 1:
+            continue
+        st = math.prod(out_shape[d2 + 1 :])
+        span = st * out_shape[d2]
+        if st <= stride and stride % st == 0 and span >= block and span % block == 0:
+            return PatchDim(dim=d2, outer=span // block, inner=stride // st)
+    raise PatchError(f"reshape {tuple(in_shape)} -> {tuple(out_shape)} splits the patched axis")
+
+
+# -- inference rules -----------------------------------------------------------------------------
+
+# rule(node, dims_of, extent) -> (output dims, [(input node, PatchDim it must have)])
+Rule = Callable[[torch.fx.Node, Callable[[Any], Dims]], tuple[Dims, list]]
+
+_POINTWISE_EXTRA = {
+    aten.dropout.default, aten.type_as.default, aten.to.dtype, aten.to.dtype_layout, aten.to.device,
+    aten._to_copy.default, aten.contiguous.default, aten.copy_.default, aten.empty_like.default,
+    aten.zeros_like.default, aten.ones_like.default, aten.full_like.default, aten.alias.default,
+    aten.detach.default, aten.lift_fresh_copy.default, aten.clone.default, aten.native_dropout.default,
+    aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.where.self,
+}
+
+
+def _is_pointwise(target: Any) -> bool:
+    return target in _POINTWISE_EXTRA or (
+        isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags
+    )
+
+
+def _broadcast(node: torch.fx.Node, operands: Iterable[Any], dims_of, out_shape: Sequence[int]) -> tuple[Dims, list]:
+    """Operands broadcast (right-aligned) to ``out_shape``."""
+    rank = len(out_shape)
+    out: PatchDim | None = None
+    operands = [x for x in operands if _shape(x) is not None]
+    for x in operands:
+        pd = dims_of(x)
+        if pd is None:
+            continue
+        cand = pd.at(pd.dim + rank - len(_shape(x)))
+        if out is not None and out != cand:
+            raise PatchError(f"{node.name}: operands hold the patched axis in different places ({out} vs {cand})")
+        out = cand
+    if out is None:
+        return None, []
+    reqs = []
+    for x in operands:
+        if dims_of(x) is None and isinstance(x, torch.fx.Node):
+            shape = _shape(x)
+            d = out.dim - (rank - len(shape))
+            if d >= 0 and shape[d] != 1:
+                reqs.append((x, out.at(d)))
+    return out, reqs
+
+
+def _rule_pointwise(node, dims_of, extent=0):
+    operands = list(node.args) + list(node.kwargs.values())
+    if node.target is aten.copy_.default:
+        operands = [node.args[0], node.args[1]]
+    elif node.target is aten.type_as.default:
+        operands = [node.args[0]]  # the second argument only gives the dtype
+    out_dims, reqs = _broadcast(node, operands, dims_of, _shape(node))
+    if node.target is aten.native_dropout.default:
+        return (out_dims, out_dims), reqs
+    return out_dims, reqs
+
+
+def _leading(node, dims_of, x, keep: int):
+    """Ops that transform the trailing dims of ``x`` and keep its first ``keep`` dims."""
+    pd = dims_of(x)
+    if pd is None:
+        return None, []
+    if pd.dim >= keep:
+        raise PatchError(f"{node.name} ({node.target}) reduces or mixes the patched axis")
+    return pd, []
+
+
+def _rule_linear(node, dims_of, extent):
+    x = node.args[0]
+    for w in node.args[1:]:
+        if isinstance(w, torch.fx.Node) and dims_of(w) is not None:
+            raise PatchError(f"{node.name}: weights hold the patched axis")
+    return _leading(node, dims_of, x, len(_shape(x)) - 1)
+
+
+def _rule_norm(node, dims_of, extent):
+    x = node.args[0]
+    return _leading(node, dims_of, x, len(_shape(x)) - len(node.args[1]))
+
+
+def _rule_softmax(node, dims_of, extent):
+    x = node.args[0]
+    pd = dims_of(x)
+    if pd is not None and _norm_dim(node.args[1], len(_shape(x))) == pd.dim:
+        raise PatchError(f"{node.name}: softmax over the patched axis")
+    return pd, []
+
+
+def _rule_reduce(node, dims_of, extent):
+    x = node.args[0]
+    pd = dims_of(x)
+    if pd is None:
+        return None, []
+    rank = len(_shape(x))
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    if dims is None:
+        raise PatchError(f"{node.name}: reduction over all dims, the patched axis included")
+    dims = [_norm_dim(d, rank) for d in ([dims] if isinstance(dims, int) else dims)]
+    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    if pd.dim in dims:
+        raise PatchError(f"{node.name}: reduction over the patched axis")
+    return pd.at(pd.dim if keepdim else pd.dim - sum(1 for d in dims if d < pd.dim)), []
+
+
+def _rule_matmul(node, dims_of, extent):
+    a, b = node.args[0], node.args[1]
+    if dims_of(b) is not None:
+        raise PatchError(f"{node.name}: matmul with the patched axis on the right operand")
+    pd = dims_of(a)
+    if pd is None:
+        return None, []
+    ra, rout = len(_shape(a)), len(_shape(node))
+    if pd.dim == ra - 1:
+        raise PatchError(f"{node.name}: matmul contracts the patched axis")
+    return pd.at(pd.dim + rout - ra), []
+
+
+def _rule_reshape(node, dims_of, extent):
+    x = node.args[0]
+    pd = dims_of(x)
+    if pd is None:
+        return None, []
+    return _reshape_dim(_shape(x), pd, _shape(node), extent), []
+
+
+def _rule_permute(node, dims_of, extent):
+    pd = dims_of(node.args[0])
+    if pd is None:
+        return None, []
+    rank = len(_shape(node.args[0]))
+    order = [_norm_dim(d, rank) for d in node.args[1]]
+    return pd.at(order.index(pd.dim)), []
+
+
+def _rule_transpose(node, dims_of, extent):
+    pd = dims_of(node.args[0])
+    if pd is None:
+        return None, []
+    rank = len(_shape(node.args[0]))
+    if node.target is aten.t.default:
+        a, b = 0, 1
+    else:
+        a, b = _norm_dim(node.args[1], rank), _norm_dim(node.args[2], rank)
+    d = b if pd.dim == a else a if pd.dim == b else pd.dim
+    return pd.at(d), []
+
+
+def _rule_unsqueeze(node, dims_of, extent):
+    pd = dims_of(node.args[0])
+    if pd is None:
+        return None, []
+    d = _norm_dim(node.args[1], len(_shape(node)))
+    return pd.at(pd.dim + 1 if d <= pd.dim else pd.dim), []
+
+
+def _rule_squeeze(node, dims_of, extent):
+    x = node.args[0]
+    pd = dims_of(x)
+    if pd is None:
+        return None, []
+    shape = _shape(x)
+    if node.target is aten.squeeze.default:
+        dims = [i for i, s in enumerate(shape) if s == 1]
+    else:
+        dims = node.args[1]
+        dims = [dims] if isinstance(dims, int) else list(dims)
+        dims = [_norm_dim(d, len(shape)) for d in dims if shape[_norm_dim(d, len(shape))] == 1]
+    return pd.at(pd.dim - sum(1 for d in dims if d < pd.dim)), []
+
+
+def _rule_expand(node, dims_of, extent):
+    pd = dims_of(node.args[0])
+    if pd is None:
+        return None, []
+    return pd.at(pd.dim + len(_shape(node)) - len(_shape(node.args[0]))), []
+
+
+def _rule_select(node, dims_of, extent):
+    x = node.args[0]
+    pd = dims_of(x)
+    if pd is None:
+        return None, []
+    d = _norm_dim(node.args[1], len(_shape(x)))
+    if d == pd.dim:
+        raise PatchError(f"{node.name}: select along the patched axis")
+    return pd.at(pd.dim - 1 if d < pd.dim else pd.dim), []
+
+
+def _slice_args(node) -> tuple[int, int, int, int]:
+    x = node.args[0]
+    size_dims = _shape(x)
+    args = list(node.args) + [None] * (5 - len(node.args))
+    dim = _norm_dim(args[1] if args[1] is not None else node.kwargs.get("dim", 0), len(size_dims))
+    start = args[2] if args[2] is not None else node.kwargs.get("start", 0) or 0
+    end = args[3] if args[3] is not None else node.kwargs.get("end", None)
+    step = args[4] if args[4] is not None else node.kwargs.get("step", 1)
+    size = size_dims[dim]
+    end = size if end is None else end
+    start = max(0, start + size if start < 0 else start)
+    end = min(size, end + size if end < 0 else end)
+    return dim, start, end, step
+
+
+def _rule_slice(node, dims_of, extent):
+    x = node.args[0]
+    pd = dims_of(x)
+    if pd is None:
+        return None, []
+    dim, start, end, step = _slice_args(node)
+    if dim != pd.dim:
+        return pd, []
+    seg_lo, seg_hi = pd.offset, pd.offset + pd.segment(extent)
+    if end <= seg_lo or start >= seg_hi:
+        return None, []  # only text tokens (before or after the grid)
+    if start <= seg_lo and end >= seg_hi and step == 1:
+        return dataclasses.replace(pd, offset=seg_lo - start, tail=end - seg_hi), []
+    row = extent * pd.inner  # one entry of ``outer``: a whole run of the patched axis
+    if seg_lo <= start and end <= seg_hi and step == 1 and (start - seg_lo) % row == 0 and (end - seg_lo) % row == 0:
+        # whole rows of the outer axes (a sequence-parallel rank's frames, say)
+        return PatchDim(dim=pd.dim, outer=(end - start) // row, inner=pd.inner), []
+    raise PatchError(f"{node.name}: slice {start}:{end}:{step} cuts into the patched axis")
+
+
+def _rule_split(node, dims_of, extent):
+    x = node.args[0]
+    pd = dims_of(x)
+    pieces = _val(node)
+    if pd is None:
+        return tuple(None for _ in pieces), []
+    rank = len(_shape(x))
+    if node.target is aten.unbind.int:
+        d = _norm_dim(node.args[1] if len(node.args) > 1 else 0, rank)
+        if d == pd.dim:
+            raise PatchError(f"{node.name}: unbind along the patched axis")
+        return tuple(pd.at(pd.dim - 1 if d < pd.dim else pd.dim) for _ in pieces), []
+    d = _norm_dim(node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0), rank)
+    if d != pd.dim:
+        return tuple(pd for _ in pieces), []
+    if node.target is not aten.split_with_sizes.default:
+        raise PatchError(f"{node.name}: {node.target} along the patched axis")
+    out, pos = [], 0
+    seg_lo, seg_hi = pd.offset, pd.offset + pd.segment(extent)
+    for size in node.args[1]:
+        lo, hi = pos, pos + size
+        if hi <= seg_lo or lo >= seg_hi:
+            out.append(None)
+        elif lo <= seg_lo and hi >= seg_hi:
+            out.append(dataclasses.replace(pd, offset=seg_lo - lo, tail=hi - seg_hi))
+        else:
+            raise PatchError(f"{node.name}: split cuts into the patched axis")
+        pos = hi
+    return tuple(out), []
+
+
+def _rule_cat(node, dims_of, extent):
+    tensors = [t for t in node.args[0] if _shape(t) is not None and _shape(t) != (0,)]
+    rank = len(_shape(node))
+    d = _norm_dim(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0), rank)
+    annotated = [(i, dims_of(t)) for i, t in enumerate(tensors) if dims_of(t) is not None]
+    if not annotated:
+        return None, []
+    if node.target is aten.stack.default:
+        first = annotated[0][1]
+        out = first.at(first.dim + 1 if d <= first.dim else first.dim)
+        reqs = [(t, first) for t in tensors if dims_of(t) is None and isinstance(t, torch.fx.Node)]
+        if any(pd != first for _, pd in annotated):
+            raise PatchError(f"{node.name}: stacked tensors hold the patched axis differently")
+        return out, reqs
+    first = annotated[0][1]
+    if first.dim != d:
+        if any(pd != first for _, pd in annotated):
+            raise PatchError(f"{node.name}: concatenated tensors hold the patched axis differently")
+        reqs = [
+            (t, first) for t in tensors
+            if dims_of(t) is None and isinstance(t, torch.fx.Node) and _shape(t)[first.dim] != 1
+        ]
+        return first, reqs
+    if len(annotated) > 1:
+        raise PatchError(f"{node.name}: concatenates two tensors along the patched axis")
+    i, pd = annotated[0]
+    before = sum(_shape(t)[d] for t in tensors[:i])
+    after = sum(_shape(t)[d] for t in tensors[i + 1 :])
+    return dataclasses.replace(pd, offset=pd.offset + before, tail=pd.tail + after), []
+
+
+def _attention_qkv(node):
+    names = ("query", "key", "value")
+    return [node.args[i] if len(node.args) > i else node.kwargs[names[i]] for i in range(3)]
+
+
+def _rule_attention(node, dims_of, extent):
+    q, k, v = _attention_qkv(node)
+    qd, kd, vd = dims_of(q), dims_of(k), dims_of(v)
+    rank = len(_shape(q))
+    seq = rank - 2
+    mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+    if node.target is not aten.scaled_dot_product_attention.default:
+        mask = node.args[4] if len(node.args) > 4 else node.kwargs.get("key_mask")
+    reqs = []
+    batch_dims = [pd for pd in (qd, kd, vd) if pd is not None and pd.dim < seq]
+    if batch_dims:
+        # the patched axis is part of the batch: attention is local to the patch
+        ref = batch_dims[0]
+        for x, pd in ((q, qd), (k, kd), (v, vd)):
+            if pd is None:
+                reqs.append((x, ref))
+            elif pd != ref:
+                raise PatchError(f"{node.name}: q/k/v hold the patched axis in different batch dims")
+        out = ref
+    else:
+        if (kd is None) != (vd is None):
+            raise PatchError(f"{node.name}: only one of K and V holds the patched axis")
+        if qd is not None and qd.dim == rank - 1 or kd is not None and kd.dim != seq:
+            raise PatchError(f"{node.name}: the patched axis is in the head dim")
+        if kd is not None:
+            causal = node.kwargs.get("is_causal", node.args[5] if len(node.args) > 5 and node.target is aten.scaled_dot_product_attention.default else False)
+            if causal:
+                raise PatchError(f"{node.name}: causal attention over patches is not supported")
+        out = qd
+    if isinstance(mask, torch.fx.Node) and out is not None:
+        # K/V stay whole (merged with the cache) or carry no patched axis, so the mask's key
+        # dim stays whole too; its query (or batch) dim follows q
+        ms = _shape(mask)
+        if node.target is aten.scaled_dot_product_attention.default:
+            mask_dim = out.dim - (rank - len(ms))  # (..., Sq, Skv) broadcast against q
+        else:
+            mask_dim = out.dim if out.dim < rank - 3 else None  # key_mask (*batch, Skv)
+        md = dims_of(mask)
+        if md is not None and md.dim != mask_dim:
+            raise PatchError(f"{node.name}: the attention mask holds the patched axis along the keys")
+        if md is None and mask_dim is not None and mask_dim >= 0 and ms[mask_dim] != 1:
+            reqs.append((mask, out.at(mask_dim)))
+    if node.target is aten.scaled_dot_product_attention.default:
+        return out, reqs
+    lse = None if out is None else out  # lse (*batch, N, Sq) keeps q's leading dims
+    return (out, lse), reqs
+
+
+def _rule_collective(node, dims_of, extent):
+    """Functional collectives: they exchange or gather along dim 0.
+
+    Sequence parallelism's all-to-all sends a flat tensor in equal chunks, one per peer, the
+    peer index outermost; the patched axis then sits inside every chunk the same way, so the
+    chunk layout survives the exchange (the chunk sizes shrink with the patch).
+    """
+    pd = dims_of(node.args[0])
+    if pd is None or pd.dim != 0 or node.target is torch.ops._c10d_functional.wait_tensor.default:
+        return pd, []
+    if pd.offset or pd.tail:
+        raise PatchError(f"{node.name}: {node.target} of text and video tokens along the patched dim")
+    if node.target is torch.ops._c10d_functional.all_gather_into_tensor.default:
+        return dataclasses.replace(pd, outer=pd.outer * node.args[1]), []
+    out_splits, in_splits = node.args[1], node.args[2]
+    peers = len(in_splits)
+    if len(set(out_splits) | set(in_splits)) != 1 or pd.outer % peers:
+        raise PatchError(f"{node.name}: uneven all-to-all of the patched axis (splits {in_splits} -> {out_splits})")
+    return pd, []
+
+
+def _rule_stage_boundary(node, dims_of, extent):
+    return tuple(dims_of(v) for v in node.args[0]), []
+
+
+def _rule_getitem(node, dims_of, extent):
+    container, index = node.args
+    dims = dims_of(container)
+    if dims is None:
+        return None, []
+    assert isinstance(dims, tuple), (node.name, dims)
+    return dims[index], []
+
+
+def _rules() -> dict[Any, Rule]:
+    import vdopt.ops  # noqa: F401
+
+    rules: dict[Any, Rule] = {
+        aten.linear.default: _rule_linear,
+        aten.layer_norm.default: _rule_norm,
+        aten.rms_norm.default: _rule_norm,
+        aten.softmax.int: _rule_softmax,
+        aten._softmax.default: _rule_softmax,
+        aten.log_softmax.int: _rule_softmax,
+        aten.mean.dim: _rule_reduce,
+        aten.sum.dim_IntList: _rule_reduce,
+        aten.amax.default: _rule_reduce,
+        aten.var.correction: _rule_reduce,
+        aten.matmul.default: _rule_matmul,
+        aten.mm.default: _rule_matmul,
+        aten.bmm.default: _rule_matmul,
+        aten.view.default: _rule_reshape,
+        aten.reshape.default: _rule_reshape,
+        aten._unsafe_view.default: _rule_reshape,
+        aten.flatten.using_ints: _rule_reshape,
+        aten.unflatten.int: _rule_reshape,
+        aten.permute.default: _rule_permute,
+        aten.transpose.int: _rule_transpose,
+        aten.t.default: _rule_transpose,
+        aten.unsqueeze.default: _rule_unsqueeze,
+        aten.squeeze.default: _rule_squeeze,
+        aten.squeeze.dim: _rule_squeeze,
+        aten.squeeze.dims: _rule_squeeze,
+        aten.expand.default: _rule_expand,
+        aten.select.int: _rule_select,
+        aten.slice.Tensor: _rule_slice,
+        aten.split.Tensor: _rule_split,
+        aten.split_with_sizes.default: _rule_split,
+        aten.chunk.default: _rule_split,
+        aten.unbind.int: _rule_split,
+        aten.cat.default: _rule_cat,
+        aten.concat.default: _rule_cat,
+        aten.stack.default: _rule_cat,
+        aten.scaled_dot_product_attention.default: _rule_attention,
+        torch.ops.vdopt.attention.default: _rule_attention,
+        torch.ops.vdopt.stage_boundary.default: _rule_stage_boundary,
+        operator.getitem: _rule_getitem,
+        torch.ops._c10d_functional.all_to_all_single.default: _rule_collective,
+        torch.ops._c10d_functional.all_gather_into_tensor.default: _rule_collective,
+        torch.ops._c10d_functional.wait_tensor.default: _rule_collective,
+    }
+    return rules
+
+
+_IGNORED = {aten._assert_tensor_metadata.default}
+
+
+def infer_patch_dims(
+    graph: torch.fx.Graph,
+    *,
+    extent: int,
+    sources: dict[str, PatchDim],
+    body: set[str],
+) -> PatchDims:
+    """Where each value holds the patched axis, starting from ``sources``.
+
+    Nodes in ``body`` (names) are the ones that will be rewritten: an op there that cannot
+    follow the patch raises ``PatchError``, and a value from outside the body that a body op
+    combines with patched tensors is recorded in ``required``. Outside the body the
+    inference is lenient (an unknown op just yields None): it only has to locate the axis in
+    the values the body reads.
+    """
+    rules = _rules()
+    dims: dict[str, Dims] = dict(sources)
+    required: dict[str, PatchDim] = {}
+    stale: dict[str, tuple[PatchDim, PatchDim]] = {}
+    lost: list[str] = []
+
+    def dims_of(x: Any) -> Dims:
+        if not isinstance(x, torch.fx.Node):
+            return None
+        return required.get(x.name) or dims.get(x.name)
+
+    for n in graph.nodes:
+        if n.name in dims:
+            continue
+        if n.op != "call_function" or n.target in _IGNORED:
+            dims[n.name] = None
+            continue
+        strict = n.name in body
+        if all(dims_of(a) is None for a in n.all_input_nodes):
+            dims[n.name] = None
+            continue
+        rule = rules.get(n.target)
+        if rule is None and _is_pointwise(n.target):
+            rule = _rule_pointwise
+        try:
+            if rule is None:
+                raise PatchError(f"{n.name}: no patch rule for {n.target}")
+            out, reqs = rule(n, dims_of, extent)
+        except PatchError as e:
+            if strict:
+                raise
+            lost.append(str(e))
+            dims[n.name] = None
+            continue
+        if strict:
+            for x, pd in reqs:
+                if x.name in body:
+                    raise PatchError(
+                        f"{n.name} ({n.target}) combines the patch with {x.name}, which covers the whole latent "
+                        "but is computed per patch"
+                    )
+                prev = dims_of(x)
+                if prev is not None and prev != pd:
+                    raise PatchError(f"{x.name} is read patch-wise in two layouts ({prev}, {pd})")
+                required[x.name] = pd
+            if n.target in (aten.scaled_dot_product_attention.default, torch.ops.vdopt.attention.default):
+                _, k, v = _attention_qkv(n)
+                kd, vd = dims_of(k), dims_of(v)
+                if kd is not None and kd.dim == len(_shape(k)) - 2:
+                    stale[n.name] = (kd, vd)
+        dims[n.name] = out
+    return PatchDims(extent=extent, dims=dims, required=required, stale=stale, lost=lost)
+
+
+# -- the rewrite ---------------------------------------------------------------------------------
+
+
+def _new_fake(like: torch.Tensor, shape: Sequence[int], fake_mode) -> torch.Tensor:
+    with fake_mode:
+        return torch.empty(tuple(shape), dtype=like.dtype, device=like.device)
+
+
+def _call(graph: torch.fx.Graph, target, args, kwargs=None, *, fake_mode) -> torch.fx.Node:
+    kwargs = kwargs or {}
+    node = graph.call_function(target, tuple(args), kwargs)
+    fargs, fkwargs = pytree.tree_map_only(torch.fx.Node, fake_value, (tuple(args), kwargs))
+    with fake_mode:
+        node.meta["val"] = target(*fargs, **fkwargs)
+    node.meta[meta.CREATED_BY] = CREATED_BY
+    return node
+
+
+def slice_patch_nodes(graph, x: torch.fx.Node, pd: PatchDim, extent: int, start: int, length: int, *, fake_mode) -> torch.fx.Node:
+    """Nodes computing the patch ``start:start+length`` of ``x`` (whole latent) along ``pd``."""
+    d, seg = pd.dim, pd.segment(extent)
+    segment = _call(graph, aten.slice.Tensor, (x, d, pd.offset, pd.offset + seg), fake_mode=fake_mode)
+    grid = _call(graph, aten.unflatten.int, (segment, d, [pd.outer, extent, pd.inner]), fake_mode=fake_mode)
+    part = _call(graph, aten.slice.Tensor, (grid, d + 1, start, start + length), fake_mode=fake_mode)
+    flat = _call(graph, aten.flatten.using_ints, (part, d, d + 2), fake_mode=fake_mode)
+    if not (pd.offset or pd.tail):
+        # contiguous, so later views of the patch behave as on the whole latent
+        return _call(graph, aten.clone.default, (flat,), {"memory_format": torch.contiguous_format}, fake_mode=fake_mode)
+    pieces = []
+    if pd.offset:
+        pieces.append(_call(graph, aten.slice.Tensor, (x, d, 0, pd.offset), fake_mode=fake_mode))
+    pieces.append(flat)
+    if pd.tail:
+        size = pd.size(extent)
+        pieces.append(_call(graph, aten.slice.Tensor, (x, d, size - pd.tail, size), fake_mode=fake_mode))
+    return _call(graph, aten.cat.default, (pieces, d), fake_mode=fake_mode)
+
+
+def slice_patch(x: torch.Tensor, pd: PatchDim | None, extent: int, start: int, length: int) -> torch.Tensor:
+    """The patch of a whole-latent tensor (eager, for the runtime)."""
+    if pd is None:
+        return x
+    d, seg = pd.dim, pd.segment(extent)
+    part = x.narrow(d, pd.offset, seg).unflatten(d, (pd.outer, extent, pd.inner)).narrow(d + 1, start, length)
+    part = part.flatten(d, d + 2)
+    if pd.offset or pd.tail:
+        part = torch.cat([x.narrow(d, 0, pd.offset), part, x.narrow(d, x.size(d) - pd.tail, pd.tail)], d)
+    return part
+
+
+def write_patch(full: torch.Tensor, part: torch.Tensor, pd: PatchDim, extent: int, start: int, length: int) -> None:
+    """Write the patch ``part`` into the whole-latent tensor ``full`` (in place; eager)."""
+    d = pd.dim
+    slot = full.narrow(d, pd.offset, pd.segment(extent)).unflatten(d, (pd.outer, extent, pd.inner))
+    slot.narrow(d + 1, start, length).copy_(part.narrow(d, pd.offset, pd.segment(length)).unflatten(d, (pd.outer, length, pd.inner)))
+    if pd.offset:
+        full.narrow(d, 0, pd.offset).copy_(part.narrow(d, 0, pd.offset))
+    if pd.tail:
+        full.narrow(d, full.size(d) - pd.tail, pd.tail).copy_(part.narrow(d, part.size(d) - pd.tail, pd.tail))
+
+
+def _position(p: int, pd: PatchDim, extent: int, length: int) -> int:
+    """Index ``p`` of a dim laid out by ``pd`` once the patched axis has ``length`` entries."""
+    lo, hi = pd.offset, pd.offset + pd.segment(extent)
+    if p <= lo:
+        return p
+    if p >= hi:
+        return p - pd.segment(extent) + pd.segment(length)
+    row = extent * pd.inner
+    if (p - lo) % row == 0:  # a boundary between outer rows
+        return lo + (p - lo) // row * length * pd.inner
+    raise PatchError(f"index {p} falls inside the patched axis")
+
+
+def _new_args(old: torch.fx.Node, args: list, kwargs: dict, pdims: PatchDims, length: int) -> tuple[Any, list, dict]:
+    """Target and literal arguments of ``old`` recomputed for the patch."""
+    extent = pdims.extent
+    target = old.target
+    out = pdims.dims.get(old.name)
+    x = old.args[0] if old.args else None
+    in_pd = pdims.of(x.name) if isinstance(x, torch.fx.Node) else None
+    if target in (aten.view.default, aten.reshape.default, aten._unsafe_view.default) and out is not None:
+        args[1] = list(resized(_shape(old), out, extent, length))
+    elif target is aten.unflatten.int and out is not None:
+        dim = _norm_dim(old.args[1], len(_shape(x)))
+        args[2] = list(resized(_shape(old), out, extent, length)[dim : dim + len(old.args[2])])
+    elif target is aten.expand.default and out is not None:
+        sizes = list(old.args[1])
+        if sizes[out.dim] != -1:
+            sizes[out.dim] = out.size(length)
+        args[1] = sizes
+    elif target is aten.squeeze.default and in_pd is not None:
+        target = aten.squeeze.dims
+        args = [args[0], [i for i, s in enumerate(_shape(x)) if s == 1]]
+    elif target is aten.slice.Tensor and in_pd is not None:
+        dim, start, end, step = _slice_args(old)
+        if dim == in_pd.dim:
+            args = [args[0], dim, _position(start, in_pd, extent, length), _position(end, in_pd, extent, length), step]
+            kwargs = {}
+    elif target is aten.split_with_sizes.default and in_pd is not None:
+        dim = _norm_dim(old.args[2] if len(old.args) > 2 else old.kwargs.get("dim", 0), len(_shape(x)))
+        if dim == in_pd.dim:
+            sizes = list(old.args[1])
+            for i, pd in enumerate(out):
+                if pd is not None:
+                    sizes[i] = sizes[i] - pd.segment(extent) + pd.segment(length)
+            args[1] = sizes
+    elif target is torch.ops._c10d_functional.all_to_all_single.default and in_pd is not None and in_pd.dim == 0:
+        chunk = in_pd.segment(length) // len(old.args[2])
+        args[1] = [chunk] * len(old.args[1])
+        args[2] = [chunk] * len(old.args[2])
+    return target, args, kwargs
+
+
+def _expected(val: Any, pd: Dims, extent: int, length: int) -> Any:
+    if isinstance(val, torch.Tensor):
+        assert pd is None or isinstance(pd, PatchDim)
+        return resized(val.shape, pd, extent, length)
+    if isinstance(val, (list, tuple)):
+        pds = pd if isinstance(pd, tuple) else (None,) * len(val)
+        return [_expected(v, p, extent, length) for v, p in zip(val, pds)]
+    return None
+
+
+def _actual(val: Any) -> Any:
+    if isinstance(val, torch.Tensor):
+        return tuple(val.shape)
+    if isinstance(val, (list, tuple)):
+        return [_actual(v) for v in val]
+    return None
+
+
+@dataclasses.dataclass(kw_only=True)
+class PatchGraph:
+    """A graph rewritten for one patch."""
+
+    gm: torch.fx.GraphModule
+    """``gm(*inputs, *kv_caches) -> (*outputs, *merged_kv)``."""
+    cache_sites: tuple[str, ...]
+    """Attention nodes with stale K/V, in cache order (K then V per site)."""
+    input_shapes: tuple[tuple[int, ...] | None, ...]
+    """Shape each input must have (None: not a tensor)."""
+    output_dims: tuple[Dims, ...]
+    """Where each output holds the patched axis."""
+
+
+def rewrite_for_patch(
+    gm: torch.fx.GraphModule,
+    pdims: PatchDims,
+    *,
+    start: int,
+    length: int,
+    patched_inputs: set[str],
+    merge_kv: bool,
+) -> PatchGraph:
+    """``gm`` rewritten to compute the patch ``start:start+length``.
+
+    ``patched_inputs`` are placeholders that arrive already cut to the patch (activations from
+    the previous stage); every other placeholder arrives whole and is sliced here when the
+    graph reads it patch-wise. With ``merge_kv`` each stale attention site takes its K/V
+    from ``merge_patch_kv`` over a cache input; otherwise it takes the fresh K/V (the whole
+    latent, when ``length`` is the full extent) and returns them.
+    """
+    import vdopt.ops  # noqa: F401
+
+    extent = pdims.extent
+    vals = [n.meta.get("val") for n in gm.graph.nodes]
+    fake_mode = detect_fake_mode(tuple(v for v in vals if isinstance(v, torch.Tensor)))
+    assert fake_mode is not None
+    graph = torch.fx.Graph()
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    old_nodes = [n for n in gm.graph.nodes if not (n.op == "call_function" and n.target in _IGNORED)]
+    stale_nodes = [n for n in old_nodes if n.name in pdims.stale]
+    input_shapes = []
+    # placeholders first: inputs, then one K and one V cache per stale site
+    for n in old_nodes:
+        if n.op != "placeholder":
+            continue
+        p = graph.placeholder(n.name)
+        p.meta = {k: v for k, v in n.meta.items() if k != "val"}
+        val = n.meta.get("val")
+        if isinstance(val, torch.Tensor) and n.name in patched_inputs:
+            pd = pdims.of(n.name)
+            p.meta["val"] = _new_fake(val, resized(val.shape, pd, extent, length), fake_mode) if pd is not None else val
+        else:
+            p.meta["val"] = val
+        input_shapes.append(tuple(p.meta["val"].shape) if isinstance(p.meta["val"], torch.Tensor) else None)
+        env[n] = p
+    caches = {}
+    if merge_kv:
+        for s in stale_nodes:
+            _, k, v = _attention_qkv(s)
+            for tag, x in (("k", k), ("v", v)):
+                c = graph.placeholder(f"kv_cache_{s.name}_{tag}")
+                c.meta["val"] = _new_fake(x.meta["val"], x.meta["val"].shape, fake_mode)
+                caches[(s.name, tag)] = c
+    # whole-latent inputs read patch-wise are sliced once, right after the placeholders
+    for n in old_nodes:
+        if n.op == "placeholder" and n.name not in patched_inputs:
+            pd = pdims.of(n.name)
+            if isinstance(pd, PatchDim):
+                env[n] = slice_patch_nodes(graph, env[n], pd, extent, start, length, fake_mode=fake_mode)
+    merged_outputs = []
+    for n in old_nodes:
+        if n.op == "placeholder":
+            continue
+        if n.op == "get_attr":
+            new = graph.node_copy(n)
+            pd = pdims.of(n.name)
+            env[n] = slice_patch_nodes(graph, new, pd, extent, start, length, fake_mode=fake_mode) if isinstance(pd, PatchDim) else new
+            continue
+        if n.op == "output":
+            outs = pytree.tree_map_only(torch.fx.Node, lambda a: env[a], n.args[0])
+            graph.output(tuple(outs) + tuple(merged_outputs))
+            continue
+        assert n.op == "call_function", (n.op, n.name)
+        args = list(pytree.tree_map_only(torch.fx.Node, lambda a: env[a], n.args))
+        kwargs = dict(pytree.tree_map_only(torch.fx.Node, lambda a: env[a], n.kwargs))
+        target, args, kwargs = _new_args(n, args, kwargs, pdims, length)
+        if n.name in pdims.stale:
+            kd, vd = pdims.stale[n.name]
+            names = ("key", "value")
+            for i, (tag, pd) in enumerate((("k", kd), ("v", vd)), start=1):
+                fresh = args[i] if len(args) > i else kwargs[names[i - 1]]
+                if merge_kv:
+                    merged = _call(
+                        graph, torch.ops.vdopt.merge_patch_kv.default,
+                        (fresh, caches[(n.name, tag)], pd.dim, pd.offset, pd.tail, pd.outer, pd.inner, start),
+                        fake_mode=fake_mode,
+                    )
+                else:
+                    merged = fresh
+                if len(args) > i:
+                    args[i] = merged
+                else:
+                    kwargs[names[i - 1]] = merged
+                merged_outputs.append(merged)
+        new = graph.call_function(target, tuple(args), kwargs)
+        new.meta = {k: v for k, v in n.meta.items() if k != "val"}
+        fargs, fkwargs = pytree.tree_map_only(torch.fx.Node, fake_value, (tuple(args), kwargs))
+        with fake_mode:
+            new.meta["val"] = target(*fargs, **fkwargs)
+        expected = _expected(n.meta.get("val"), pdims.dims.get(n.name), extent, length)
+        if _actual(new.meta["val"]) != expected:
+            raise PatchError(
+                f"{n.name} ({n.target}) has shape {_actual(new.meta['val'])} for the patch, expected {expected}"
+            )
+        env[n] = new
+    graph.eliminate_dead_code()
+    out_node = next(iter(reversed(gm.graph.nodes)))
+    output_dims = tuple(
+        pdims.of(a.name) if isinstance(a, torch.fx.Node) else None for a in out_node.args[0]
+    )
+    return PatchGraph(
+        gm=torch.fx.GraphModule(gm, graph),
+        cache_sites=tuple(s.name for s in stale_nodes),
+        input_shapes=tuple(input_shapes),
+        output_dims=output_dims,
+    )

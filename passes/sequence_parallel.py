@@ -1,0 +1,247 @@
+"""Sequence parallelism: split the video tokens over the ulysses x ring (or dsp) ranks.
+
+The token stream is split right where the patch embedding forms it and stays split through
+every block (``ShardPropagator``); it is gathered where a reshape cuts the split tokens apart
+(the unpatchify before the output). At each self-attention over split tokens:
+
+* Ulysses (``passes/ulysses.py``): all-to-all sequence <-> heads around the attention;
+* Ring (``passes/ring.py``): K/V blocks passed around the ring, merged by log-sum-exp;
+* USP: both, Ulysses on the inner (fastest) axis, Ring over what is left;
+* DSP (``passes/dsp.py``): spatial-temporal models keep the frames split in spatial blocks and
+  the spatial tokens split in temporal blocks, switching with one all-to-all per block.
+
+On spatial-temporal models Ulysses and Ring split the spatial tokens S, so temporal attention
+(within a patch position) needs no communication; on full-attention models they split all
+video tokens. Cross-attention to text runs on the local queries. Uneven sizes give some ranks
+one more token (or head); all-to-all splits follow, so results stay exact without masks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import ClassVar
+
+import torch
+import torch.fx
+
+from vdopt import meta
+from vdopt.collectives import comm_stats, per_purpose_notes, records
+from vdopt.passes.analysis.sites import VideoLayout
+from vdopt.passes.base import PassContext, PassResult
+from vdopt.passes.dsp import WANT, first_split, plan_blocks, switch_axis_hook
+from vdopt.passes.ring import ring_attention
+from vdopt.passes.shard_layout import Dim, Factor, Layout, Split, map_reshape
+from vdopt.passes.shard_propagation import ShardPropagator
+from vdopt.passes.ulysses import ulysses_attention
+
+_CONVS = {torch.ops.aten.conv2d.default, torch.ops.aten.conv3d.default, torch.ops.aten.convolution.default}
+
+
+_FOLLOW = {
+    torch.ops.aten.flatten.using_ints, torch.ops.aten.transpose.int, torch.ops.aten.permute.default,
+    torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default,
+    torch.ops.aten.unflatten.int, torch.ops.aten.contiguous.default, torch.ops.aten.clone.default,
+    torch.ops.aten.to.dtype, torch.ops.aten._to_copy.default,
+}
+
+
+def _conv_layout(conv: torch.fx.Node, grid: VideoLayout, batch: int) -> Layout | None:
+    """The patch embedding's output as factors: (B[*T], C, [T,] H, W)."""
+    shape = tuple(int(s) for s in conv.meta["val"].shape)
+
+    def dim(*pairs) -> Dim:
+        return Dim(tuple(Factor(label, n) for label, n in pairs if n > 1))
+
+    T, H, W = grid.frames, grid.height, grid.width
+    if len(shape) == 5 and shape[0] == batch and shape[2:] == (T, H, W):
+        return Layout((dim(("B", batch)), dim(("C", shape[1])), dim(("T", T)), dim(("H", H)), dim(("W", W))))
+    if len(shape) == 4 and shape[0] == batch * T and shape[2:] == (H, W):
+        return Layout((dim(("B", batch), ("T", T)), dim(("C", shape[1])), dim(("H", H)), dim(("W", W))))
+    return None
+
+
+def _token_dims(layout: Layout) -> list[Dim] | None:
+    """(B, T*S, C) or (B*T, S, C) with S = H*W as one factor, or None (size-1 factors are absent)."""
+    labels = [[f.label for f in d.factors] for d in layout.dims]
+    if len(labels) != 3 or labels[2] != ["C"] or not labels[1]:
+        return None
+    spatial = [lab for lab in labels[1] if lab in ("H", "W")]
+    lead = labels[1][: len(labels[1]) - len(spatial)]
+    if spatial != ["H", "W"][2 - len(spatial):] and spatial != ["H", "W"][: len(spatial)]:
+        return None
+    if labels[1][len(lead):] != spatial or lead not in ([], ["T"]) or any(lab not in ("B", "T") for lab in labels[0]):
+        return None
+    if "T" in labels[0] and "T" in lead:
+        return None
+    f = layout.dims[1].factors
+    s = math.prod(x.size for x in f[len(lead):])
+    tokens = f[: len(lead)] + ((Factor("S", s),) if s > 1 else ())
+    return [layout.dims[0], Dim(tokens), Dim.plain(layout.dims[2].size)]
+
+
+def find_token_stream(graph: torch.fx.Graph, grid: VideoLayout, batch: int) -> tuple[torch.fx.Node, list[Dim]] | None:
+    """The first node holding the patch embedding's tokens as (B, T*S, C) or (B*T, S, C).
+
+    Follows the patch-embedding convolution's output through reshapes and transposes,
+    keeping track of which dims hold batch, frames, rows, columns and channels, so a hidden
+    size that happens to equal the token count cannot be mistaken for it. Returns the node and
+    its dims labelled ``B``, ``T``, ``S`` (size-1 factors left out).
+    """
+    conv = next((n for n in graph.nodes if n.op == "call_function" and n.target in _CONVS), None)
+    if conv is None:
+        return None
+    start = _conv_layout(conv, grid, batch)
+    if start is None:
+        return None
+    layouts = {conv: start}
+    for n in graph.nodes:
+        if n.op != "call_function" or n.target not in _FOLLOW or n.args[0] not in layouts:
+            continue
+        lay = layouts[n.args[0]]
+        out = tuple(int(s) for s in n.meta["val"].shape)
+        if n.target in (torch.ops.aten.transpose.int, torch.ops.aten.permute.default):
+            nd = len(lay.dims)
+            if n.target is torch.ops.aten.permute.default:
+                order = [d % nd for d in n.args[1]]
+            else:
+                order = list(range(nd))
+                a, b = n.args[1] % nd, n.args[2] % nd
+                order[a], order[b] = order[b], order[a]
+            new = lay.permute(order)
+        else:
+            new = map_reshape(lay, out)
+        if new is None:
+            continue
+        layouts[n] = new
+        dims = _token_dims(new)
+        if dims is not None:
+            return n, dims
+    return None
+
+
+def _local_attention(prop: ShardPropagator, node: torch.fx.Node, purpose: str):
+    layout = prop.local_sdpa(node)
+    prop.emit.revalue(node)
+    return node, layout, layout
+
+
+def attend(prop: ShardPropagator, node: torch.fx.Node, purpose: str):
+    """Attention over split tokens: Ulysses over each non-ring axis (innermost first), then Ring."""
+    q = prop.sdpa_inputs(node)[0]
+    lq = prop.layout(q)
+    if lq is None or not lq.dims[2].sharded:
+        return _local_attention(prop, node, purpose)
+    split = next(f.split for f in lq.dims[2].factors if f.split is not None)
+    if split.axes[-1].axis == "ring":
+        return ring_attention(prop, node, purpose)
+    return ulysses_attention(prop, node, purpose, inner=attend)
+
+
+def seq_attention(prop: ShardPropagator, node: torch.fx.Node):
+    site = node.meta.get(meta.SITE)
+    purpose = site.name if site is not None else node.name
+    users = list(node.users)
+    result, layout, node_layout = attend(prop, node, purpose)
+    if result is not node:
+        for u in users:
+            u.replace_input_with(node, result)
+        prop.layouts[result] = layout
+    return node_layout
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SequenceParallel:
+    """Split the video tokens over the ring/ulysses (or dsp) axes of the mesh; see the module doc."""
+
+    name: ClassVar[str] = "sequence_parallel"
+    tier: ClassVar[str] = "exact"
+
+    def split_factor(self, ctx: PassContext, spatial_temporal: bool) -> str:
+        if ctx.mesh.dsp > 1:
+            return first_split(ctx.sites)
+        return "S" if spatial_temporal else "TS"
+
+    def validate(self, ctx: PassContext, label: str, size: int, spatial_temporal: bool) -> None:
+        mesh = ctx.mesh
+        degree = mesh.sequence_degree
+        grid = ctx.layout
+        sizes = {"T": grid.frames, "S": grid.spatial_tokens} if mesh.dsp > 1 else {label: size}
+        for name, n in sizes.items():
+            if n < degree:
+                raise ValueError(
+                    f"Mesh({mesh.describe()}): {n} {'frames' if name == 'T' else 'tokens'} cannot be split over "
+                    f"{degree} ranks; use a sequence degree (ulysses*ring*dsp) of at most {n}"
+                )
+        if mesh.ulysses > 1:
+            attended = {"S": ("spatial", "full", "joint_text"), "TS": ("full", "joint_text")}[label]
+            few = [s for s in ctx.sites if s.kind in attended and s.heads < mesh.ulysses]
+            if few:
+                raise ValueError(
+                    f"Mesh({mesh.describe()}): Ulysses splits attention heads, but site {few[0].name} has "
+                    f"{few[0].heads} heads; use ulysses<={few[0].heads} (and ring for the rest)"
+                )
+
+    def __call__(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+        mesh = ctx.mesh
+        if ctx.layout is None:
+            raise ValueError(
+                f"Mesh({mesh.describe()}): sequence parallelism needs the video token grid, but no patch "
+                "embedding convolution was found in this model"
+            )
+        groups = mesh.axis_groups(ctx.device)
+        spatial_temporal = any(s.kind == "temporal" for s in ctx.sites) and any(s.kind == "spatial" for s in ctx.sites)
+        if mesh.dsp > 1 and not spatial_temporal:
+            raise ValueError(
+                f"Mesh({mesh.describe()}): DSP needs a spatial-temporal model (separate spatial and "
+                "temporal attention); this model attends over all tokens at once: use ulysses and/or ring"
+            )
+        label = self.split_factor(ctx, spatial_temporal)
+        grid = ctx.layout
+        self.validate(ctx, label, {"S": grid.spatial_tokens, "TS": grid.tokens, "T": grid.frames}[label], spatial_temporal)
+        batch = grid.batch // mesh.cfg
+        found = find_token_stream(gm.graph, grid, batch)
+        if found is None:
+            raise ValueError(
+                f"Mesh({mesh.describe()}): found no token stream of shape (B, T*H*W, C) or (B*T, H*W, C) "
+                f"after the patch embedding (grid {ctx.layout})"
+            )
+        point, dims = found
+        if label == "TS":
+            tokens = dims[1].body
+            dims[1] = Dim((Factor("TS", tokens),))
+        where = next((i, d.find(label)) for i, d in enumerate(dims) if d.find(label) is not None)
+        factor = dims[where[0]].factors[where[1]]
+        axes = tuple(groups[a] for a in ("ring", "ulysses", "dsp") if a in groups)
+        dims[where[0]] = dims[where[0]].with_factor(where[1], Factor(label, factor.size, Split.balanced(factor.size, axes)))
+        hook = None
+        if mesh.dsp > 1:
+            plan, purposes = plan_blocks(ctx.sites)
+            hook = switch_axis_hook(plan, purposes)
+        prop = ShardPropagator(gm, created_by=self.name, seq_attention=seq_attention, before_node=hook)
+        prop.shard(point, Layout(tuple(dims)))
+        prop.run()
+        gm.graph.eliminate_dead_code()
+        comms = records(n for n in gm.graph.nodes if n.meta.get(meta.CREATED_BY) == self.name)
+        notes = per_purpose_notes(comms)
+        per_site = {}
+        for s in ctx.sites:
+            how = prop.notes.get(s.name)
+            if how is None:
+                if mesh.dsp > 1 and s.kind in WANT:
+                    how = f"dsp ({WANT[s.kind]} split)"
+                elif s.kind == "cross":
+                    how = "local (queries split)"
+                elif s.kind == "text":
+                    how = "replicated"
+                else:
+                    how = "local (split tokens in batch)"
+            per_site[s.name] = how + (f": {notes[s.name]}" if s.name in notes else "")
+        stats = {
+            "split": f"{label}{factor.size}/{'x'.join(a.axis for a in axes)}",
+            **comm_stats(comms),
+            "gathers": prop.counts["gathers"],
+            "localized": prop.counts["localized"],
+            "per_site": per_site,
+        }
+        return PassResult(gm=gm, modified=True, stats=stats)

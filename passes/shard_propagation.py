@@ -1,0 +1,993 @@
+"""Sharding propagation: rewrite the graph downstream of a sharded activation to run on chunks.
+
+Export bakes concrete sizes into ``view``/``reshape``/``expand``/``split`` arguments, so
+sharding a tensor means following it through the graph. ``ShardPropagator`` visits nodes in
+order and gives every node computed from a sharded value a ``Layout`` (see ``shard_layout``):
+
+* ops that act elementwise or along unsharded dims keep the sharding; their size arguments
+  are rewritten to local sizes, and replicated operands they combine with (position tables,
+  RoPE, masks) are *localized*: sliced to this rank's chunk;
+* ``scaled_dot_product_attention`` is local when only batch/head dims or the query rows are
+  sharded (cross-attention to text stays on the query shard); self-attention over a sharded
+  sequence goes to the ``seq_attention`` callback (Ulysses, Ring);
+* anything else (a reshape that cuts a sharded factor, such as unpatchify, or an op without
+  a rule) first *gathers* its sharded inputs. Gathering is always exact, so an unknown op
+  costs speed, never correctness.
+
+Collectives it inserts are functional collectives with a ``CommRecord`` in their meta.
+The node's ``meta["val"]`` is recomputed (fake propagation) for every rewritten node and
+checked against its layout's local shape.
+
+Legend: B batch, N heads, L sequence, D head dim.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import operator
+from collections import Counter
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx
+from torch._guards import detect_fake_mode
+from torch.utils import _pytree as pytree
+
+from vdopt import meta
+from vdopt.collectives import ALL_GATHER, ALL_TO_ALL, WAIT, CommRecord
+from vdopt.mesh import AxisGroup
+from vdopt.passes.shard_layout import Dim, Factor, Layout, Split, map_reshape
+
+log = logging.getLogger(__name__)
+
+aten = torch.ops.aten
+INT_MAX = 2**63 - 1
+SDPA = aten.scaled_dot_product_attention.default
+
+_RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+_SAME_LAYOUT = {
+    aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten.to.other, aten._to_copy.default,
+    aten.clone.default, aten.contiguous.default, aten.alias.default, aten.detach.default,
+    aten.lift_fresh_copy.default, aten.dropout.default, aten.empty_like.default,
+    aten.zeros_like.default, aten.ones_like.default, aten.full_like.default,
+    aten.rand_like.default, aten.randn_like.default, aten.fill_.Scalar, aten.type_as.default,
+}
+_NEW_TENSOR = {aten.new_zeros.default, aten.new_ones.default, aten.new_empty.default, aten.new_full.default}
+_NORMS = {aten.layer_norm.default: 1, aten.rms_norm.default: 1}  # arg index of normalized_shape
+_SOFTMAX = {aten.softmax.int, aten._softmax.default, aten.log_softmax.int, aten._log_softmax.default,
+            aten.cumsum.default}
+_REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default,
+               aten.var.correction, aten.std.correction}
+# Ops that mix everything but the leading (batch) dim: convolutions, group norm, resampling.
+_PER_SAMPLE = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default,
+               aten.conv_transpose2d.input, aten.conv_transpose3d.input, aten.group_norm.default,
+               aten.upsample_nearest2d.vec, aten.upsample_nearest3d.vec, aten.upsample_bilinear2d.vec,
+               aten.upsample_trilinear3d.vec, aten.avg_pool2d.default, aten.avg_pool3d.default}
+
+
+class NeedGather(Exception):
+    """A rule cannot keep its inputs sharded: gather them and run the op replicated."""
+
+
+def _dim(d: int, ndim: int) -> int:
+    return d + ndim if d < 0 else d
+
+
+def _is_tensor_node(a: Any) -> bool:
+    return isinstance(a, torch.fx.Node) and isinstance(a.meta.get("val"), torch.Tensor)
+
+
+class Emitter:
+    """Creates ``call_function`` nodes with ``meta["val"]`` (fake propagation) and ``CREATED_BY``."""
+
+    def __init__(self, graph: torch.fx.Graph, created_by: str) -> None:
+        self.graph = graph
+        self.created_by = created_by
+        vals = [n.meta.get("val") for n in graph.nodes]
+        self.fake_mode = detect_fake_mode(tuple(v for v in vals if isinstance(v, torch.Tensor)))
+        assert self.fake_mode is not None, "graph has no fake tensor metadata; was it captured by vdopt?"
+
+    def value(self, target: Callable, args: tuple, kwargs: dict) -> Any:
+        fake_args, fake_kwargs = pytree.tree_map_only(torch.fx.Node, lambda n: n.meta["val"], (args, kwargs))
+        with self.fake_mode:
+            return target(*fake_args, **fake_kwargs)
+
+    def call(self, target: Callable, args: tuple, kwargs: dict | None = None, *,
+             like: torch.fx.Node | None = None) -> torch.fx.Node:
+        kwargs = kwargs or {}
+        node = self.graph.call_function(target, args, kwargs)
+        node.meta["val"] = self.value(target, args, kwargs)
+        node.meta[meta.CREATED_BY] = self.created_by
+        if like is not None:
+            for key in ("nn_module_stack", "stack_trace", meta.BLOCK):
+                if key in like.meta:
+                    node.meta[key] = like.meta[key]
+        return node
+
+    def revalue(self, node: torch.fx.Node) -> None:
+        node.meta["val"] = self.value(node.target, node.args, node.kwargs)
+
+    # -- shorthands (all shapes are local, concrete) -----------------------------------------
+    def shape(self, x: torch.fx.Node) -> tuple[int, ...]:
+        return tuple(int(s) for s in x.meta["val"].shape)
+
+    def slice(self, x: torch.fx.Node, dim: int, start: int, end: int) -> torch.fx.Node:
+        if start == 0 and end >= self.shape(x)[dim]:
+            return x
+        return self.call(aten.slice.Tensor, (x, dim, start, end))
+
+    def reshape(self, x: torch.fx.Node, shape: Sequence[int]) -> torch.fx.Node:
+        if tuple(shape) == self.shape(x):
+            return x
+        return self.call(aten.reshape.default, (x, list(shape)))
+
+    def permute(self, x: torch.fx.Node, order: Sequence[int]) -> torch.fx.Node:
+        if list(order) == list(range(len(order))):
+            return x
+        return self.call(aten.permute.default, (x, list(order)))
+
+    def movedim(self, x: torch.fx.Node, src: int, dst: int) -> torch.fx.Node:
+        order = list(range(len(self.shape(x))))
+        order.insert(dst, order.pop(src))
+        return self.permute(x, order)
+
+    def cat(self, xs: Sequence[torch.fx.Node], dim: int) -> torch.fx.Node:
+        xs = [x for x in xs if self.shape(x)[dim] > 0]
+        return xs[0] if len(xs) == 1 else self.call(aten.cat.default, (list(xs), dim))
+
+    def contiguous(self, x: torch.fx.Node) -> torch.fx.Node:
+        return self.call(aten.clone.default, (x,), {"memory_format": torch.contiguous_format})
+
+    def pad_dim0(self, x: torch.fx.Node, extra: int) -> torch.fx.Node:
+        if extra == 0:
+            return x
+        return self.call(aten.constant_pad_nd.default, (x, [0, 0] * (len(self.shape(x)) - 1) + [0, extra], 0.0))
+
+    def all_to_all(self, flat: torch.fx.Node, out_splits: list[int], in_splits: list[int],
+                   group: AxisGroup, purpose: str) -> torch.fx.Node:
+        a2a = self.call(ALL_TO_ALL, (flat, list(out_splits), list(in_splits), group.group_name))
+        itemsize = flat.meta["val"].dtype.itemsize
+        sent = sum(s for j, s in enumerate(in_splits) if j != group.rank) * itemsize
+        a2a.meta[meta.COMM] = CommRecord(kind="all_to_all", bytes=sent, purpose=purpose, axis=group.axis)
+        return self.call(WAIT, (a2a,))
+
+    def all_gather(self, x: torch.fx.Node, group: AxisGroup, purpose: str) -> torch.fx.Node:
+        """Concatenation along dim 0 of ``x`` from every rank of ``group``, in group rank order."""
+        x = self.contiguous(x)
+        gathered = self.call(ALL_GATHER, (x, group.size, group.group_name))
+        val = x.meta["val"]
+        sent = val.numel() * val.dtype.itemsize * (group.size - 1)
+        gathered.meta[meta.COMM] = CommRecord(kind="all_gather", bytes=sent, purpose=purpose, axis=group.axis)
+        return self.call(WAIT, (gathered,))
+
+
+def _expanded(dims: Sequence[Dim], shape: Sequence[int], which: Sequence[int]) -> tuple[list[int], dict[int, int]]:
+    """Local shape with the dims in ``which`` expanded into one axis per factor.
+
+    Returns the expanded shape and, per expanded dim, the index of its first axis.
+    """
+    out, first = [], {}
+    for i, size in enumerate(shape):
+        if i in which:
+            first[i] = len(out)
+            out.extend(f.local for f in dims[i].factors)
+            if not dims[i].factors:
+                out.append(1)
+        else:
+            out.append(size)
+    return out, first
+
+
+class ShardPropagator:
+    """Propagates layouts through a graph; see the module docstring.
+
+    ``seq_attention(prop, node)`` rewrites an SDPA node whose q/k/v are sharded along the
+    sequence and returns the node's layout. ``before_node(prop, node)`` may reshard a node's
+    inputs before its rule runs (DSP).
+    """
+
+    def __init__(
+        self,
+        gm: torch.fx.GraphModule,
+        *,
+        created_by: str,
+        seq_attention: Callable[["ShardPropagator", torch.fx.Node], Layout] | None = None,
+        before_node: Callable[["ShardPropagator", torch.fx.Node], None] | None = None,
+    ) -> None:
+        self.gm = gm
+        self.graph = gm.graph
+        self.emit = Emitter(self.graph, created_by)
+        self.seq_attention = seq_attention
+        self.before_node = before_node
+        self.layouts: dict[torch.fx.Node, Any] = {}
+        self.counts: Counter = Counter()
+        self.notes: dict[str, str] = {}
+        """Per attention site: the strategy applied (for the report)."""
+        self.gather_reasons: list[str] = []
+        self._localized: dict[tuple, torch.fx.Node] = {}
+        self._gathered: dict[torch.fx.Node, torch.fx.Node] = {}
+        self._resharded: dict[tuple, tuple[torch.fx.Node, Layout]] = {}
+
+    # -- layouts ---------------------------------------------------------------------------
+    def layout(self, a: Any) -> Layout | None:
+        lay = self.layouts.get(a) if isinstance(a, torch.fx.Node) else None
+        return lay if isinstance(lay, Layout) else None
+
+    def is_sharded(self, a: Any) -> bool:
+        lay = self.layouts.get(a) if isinstance(a, torch.fx.Node) else None
+        if isinstance(lay, Layout):
+            return True
+        if isinstance(lay, (tuple, list)):
+            return any(x is not None for x in lay)
+        return False
+
+    @staticmethod
+    def _finish(layout: Layout | None) -> Layout | None:
+        return layout if layout is not None and layout.sharded_dims else None
+
+    def global_shape(self, a: torch.fx.Node) -> tuple[int, ...]:
+        lay = self.layout(a)
+        return lay.shape if lay is not None else tuple(int(s) for s in a.meta["val"].shape)
+
+    # -- sharding a replicated node ---------------------------------------------------------
+    def shard(self, node: torch.fx.Node, layout: Layout, *, skip: Callable[[torch.fx.Node], bool] = lambda u: False) -> torch.fx.Node:
+        """Replace the uses of replicated ``node`` (except those ``skip`` says) by its local chunk."""
+        users = [u for u in node.users if not skip(u)]
+        if not users:
+            return node
+        order = {n: i for i, n in enumerate(self.graph.nodes)}
+        first = min(users, key=order.__getitem__)
+        with self.graph.inserting_before(first):
+            local = self.localize(node, [(i, d) for i, d in enumerate(layout.dims) if d.sharded])
+        for u in users:
+            u.replace_input_with(node, local)
+        self.layouts[local] = layout
+        return local
+
+    # -- the walk ----------------------------------------------------------------------------
+    def run(self) -> None:
+        for node in list(self.graph.nodes):
+            if node.op == "output":
+                self._gather_args(node, "output")
+            elif node.op == "call_function":
+                if any(self.is_sharded(a) for a in node.all_input_nodes):
+                    self.visit(node)
+            elif any(self.is_sharded(a) for a in node.all_input_nodes):
+                self._gather_args(node, f"{node.op} {node.target}")
+
+    def visit(self, node: torch.fx.Node) -> None:
+        if self.before_node is not None:
+            self.before_node(self, node)
+        try:
+            with self.graph.inserting_before(node):
+                layout = self.rule(node)
+        except NeedGather as why:
+            reason = f"{node.name} ({node.target}): {why}"
+            log.debug("gather before %s", reason)
+            self.gather_reasons.append(reason)
+            self._gather_args(node, f"gather before {node.name}")
+            return
+        if node.target is SDPA and not node.users:
+            self.graph.erase_node(node)  # replaced by another attention node (ring)
+            return
+        self.emit.revalue(node)
+        self.layouts[node] = layout
+        self._check(node, layout)
+
+    def _check(self, node: torch.fx.Node, layout: Any) -> None:
+        val = node.meta.get("val")
+        if isinstance(layout, Layout):
+            assert isinstance(val, torch.Tensor) and tuple(val.shape) == layout.local_shape, (
+                f"{node.name}: local shape {tuple(val.shape) if isinstance(val, torch.Tensor) else val} "
+                f"!= layout {layout.describe()} -> {layout.local_shape}"
+            )
+        elif isinstance(layout, (tuple, list)):
+            for v, lay in zip(val, layout):
+                if lay is not None:
+                    assert tuple(v.shape) == lay.local_shape, f"{node.name}: {tuple(v.shape)} != {lay.local_shape}"
+
+    def _gather_args(self, node: torch.fx.Node, purpose: str) -> None:
+        def swap(a):
+            if isinstance(a, torch.fx.Node) and self.is_sharded(a):
+                with self.graph.inserting_before(node):
+                    return self.gather(a, purpose)
+            return a
+
+        node.args = pytree.tree_map_only(torch.fx.Node, swap, node.args)
+        node.kwargs = pytree.tree_map_only(torch.fx.Node, swap, node.kwargs)
+        if node.op == "call_function":
+            self.emit.revalue(node)
+        self.layouts.pop(node, None)
+
+    # -- collectives and slicing -------------------------------------------------------------
+    def localize(self, x: torch.fx.Node, dims: Sequence[tuple[int, Dim]]) -> torch.fx.Node:
+        """This rank's chunk of replicated ``x``: each ``(value dim, Dim)`` cut like ``Dim``."""
+        dims = [(e, d) for e, d in dims if d.sharded]
+        if not dims:
+            return x
+        key = (x, tuple((e, d.placement(), d.size) for e, d in dims))
+        if key in self._localized:
+            return self._localized[key]
+        out = x
+        for e, d in dims:
+            out = self._localize_dim(out, e, d)
+        self.counts["localized"] += 1
+        self._localized[key] = out
+        return out
+
+    def _localize_dim(self, x: torch.fx.Node, e: int, d: Dim) -> torch.fx.Node:
+        em = self.emit
+        shape = em.shape(x)
+        assert shape[e] == d.size, f"localize: dim {e} of {x.name} is {shape[e]}, expected {d.size}"
+        body = em.slice(x, e, d.pre, d.pre + d.body)
+        sizes = [f.size for f in d.factors]
+        body = em.reshape(body, shape[:e] + tuple(sizes) + shape[e + 1:])
+        for j, f in enumerate(d.factors):
+            if f.split is not None:
+                body = em.slice(body, e + j, f.split.offset, f.split.offset + f.split.length)
+        body = em.reshape(body, shape[:e] + (d.local_body,) + shape[e + 1:])
+        parts = [em.slice(x, e, 0, d.pre)] if d.pre else []
+        parts.append(body)
+        if d.post:
+            parts.append(em.slice(x, e, d.pre + d.body, d.size))
+        return em.cat(parts, e)
+
+    def gather(self, x: torch.fx.Node, purpose: str) -> torch.fx.Node:
+        """The full (replicated) value of sharded ``x``."""
+        if x in self._gathered:
+            return self._gathered[x]
+        layout = self.layout(x)
+        assert layout is not None, f"gather of {x.name} without a layout"
+        out = x
+        for i in layout.sharded_dims:
+            d = layout.dims[i]
+            for j, f in enumerate(d.factors):
+                if f.split is not None:
+                    out = self._gather_factor(out, i, layout.dims[i], j, len(f.split.axes), purpose)
+                    layout = layout.with_dim(i, layout.dims[i].with_factor(j, Factor(f.label, f.size)))
+        self.counts["gathers"] += 1
+        self._gathered[x] = out
+        return out
+
+    def _gather_factor(self, x: torch.fx.Node, e: int, d: Dim, j: int, n_axes: int, purpose: str) -> torch.fx.Node:
+        """Gather factor ``j`` of dim ``e`` over the innermost ``n_axes`` axes of its split."""
+        em = self.emit
+        f = d.factors[j]
+        split = f.split
+        shape = em.shape(x)
+        body = em.slice(x, e, d.pre, d.pre + d.local_body)
+        locals_ = [g.local for g in d.factors]
+        body = em.reshape(body, shape[:e] + tuple(locals_) + shape[e + 1:])
+        y = em.movedim(body, e + j, 0)
+        # the chunks this gather collects: those that differ from ours in the gathered axes
+        gathered_axes = split.axes[len(split.axes) - n_axes:]
+        outer_coords = {}
+        members = []
+        for idx in range(math.prod(a.size for a in gathered_axes)):
+            coords, rest = {}, idx
+            for a in reversed(gathered_axes):
+                coords[a.axis] = rest % a.size
+                rest //= a.size
+            members.append(split.index_with({**outer_coords, **coords}))
+        lengths = [split.sizes[m] for m in members]
+        longest = max(lengths)
+        y = em.pad_dim0(y, longest - split.length)
+        for group in reversed(gathered_axes):
+            y = em.all_gather(y, group, purpose)
+        if len(set(lengths)) > 1:
+            y = em.cat([em.slice(y, 0, i * longest, i * longest + n) for i, n in enumerate(lengths)], 0)
+        new_len = sum(lengths)
+        y = em.movedim(y, 0, e + j)
+        locals_[j] = new_len
+        merged = math.prod(locals_)
+        y = em.reshape(y, shape[:e] + (merged,) + shape[e + 1:])
+        parts = [em.slice(x, e, 0, d.pre)] if d.pre else []
+        parts.append(y)
+        if d.post:
+            parts.append(em.slice(x, e, d.pre + d.local_body, shape[e]))
+        return em.cat(parts, e)
+
+    def reshard(self, x: torch.fx.Node, layout: Layout, src: tuple[int, int], dst: tuple[int, int],
+                purpose: str, y_split: Split | None = None) -> tuple[torch.fx.Node, Layout]:
+        """All-to-all over the innermost axis of factor ``src``'s split, moving that axis to ``dst``.
+
+        ``src``/``dst`` are (dim, factor index). Afterwards ``src`` keeps the outer axes of its
+        split (or none) and ``dst`` is split as ``y_split``: by default balanced over the
+        axis; when ``dst`` is already split over outer axes, ``y_split`` must extend them by
+        the axis. Replicated rows (pre/post) of the dim holding one of the two factors are cut
+        locally (going to ``dst``) or gathered (coming from ``src``) instead of moved.
+        """
+        key = (x, layout.placement(), src, dst)
+        if key in self._resharded:
+            return self._resharded[key]
+        em = self.emit
+        (ds, fs), (dt, ft) = src, dst
+        X, Y = layout.dims[ds].factors[fs], layout.dims[dt].factors[ft]
+        assert X.split is not None, f"reshard from unsplit factor {X}"
+        group = X.split.axes[-1]
+        if y_split is None:
+            assert Y.split is None, f"reshard to split factor {Y} needs its target split"
+            if Y.size < group.size:
+                raise ValueError(
+                    f"cannot split {Y.size} {Y.label!r} over the {group.size} ranks of mesh axis "
+                    f"{group.axis!r}: use {group.axis}={Y.size} or less"
+                )
+            y_split = Split.balanced(Y.size, (group,))
+        assert y_split.axes[-1] == group and y_split.axes[:-1] == (Y.split.axes if Y.split else ()), (
+            f"reshard: target split {y_split.describe()} does not extend {Y}")
+        x_split = X.split
+        new_layout = layout.with_dim(ds, layout.dims[ds].with_factor(fs, Factor(X.label, X.size, x_split.coarsen())))
+        new_layout = new_layout.with_dim(dt, new_layout.dims[dt].with_factor(ft, Factor(Y.label, Y.size, y_split)))
+        joint = [i for i in {ds, dt} if layout.dims[i].joint]
+        assert len(joint) <= 1 and not (joint and ds == dt), "reshard: replicated rows on both dims"
+        shape = em.shape(x)
+        body = x
+        if joint:
+            d = layout.dims[joint[0]]
+            body = em.slice(x, joint[0], d.pre, d.pre + d.local_body)
+        body_dims = tuple(Dim(dd.factors) for dd in layout.dims)
+        x_sizes = [x_split.sizes[x_split.index_with({group.axis: j})] for j in range(group.size)]
+        y_sizes = [y_split.sizes[y_split.index_with({group.axis: j})] for j in range(group.size)]
+        out = self._all_to_all_body(body, body_dims, ds, fs, dt, ft, x_sizes, y_sizes, group, purpose)
+        if joint:
+            e = joint[0]
+            d = layout.dims[e]
+            rows = ([em.slice(x, e, 0, d.pre)] if d.pre else []) + (
+                [em.slice(x, e, d.pre + d.local_body, shape[e])] if d.post else [])
+            fixed = []
+            for r in rows:
+                if e == ds:  # rows hold all of Y: keep only our chunk of it
+                    fixed.append(self._localize_dim(r, dt, new_layout.dims[dt]))
+                else:  # rows are split along X like the body: collect the other ranks' chunks
+                    fixed.append(self._gather_factor(r, ds, layout.dims[ds], fs, 1, purpose))
+            pre = fixed[:1] if d.pre else []
+            post = fixed[len(pre):]
+            out = em.cat(pre + [out] + post, e)
+        self.layouts[out] = new_layout
+        assert em.shape(out) == new_layout.local_shape, (em.shape(out), new_layout.describe())
+        self._resharded[key] = (out, new_layout)
+        return out, new_layout
+
+    def _all_to_all_body(self, x, dims, ds, fs, dt, ft, x_sizes: list[int], y_sizes: list[int],
+                         group: AxisGroup, purpose: str) -> torch.fx.Node:
+        """The a2a itself on a tensor without replicated rows: peer j gets our X chunk, its Y chunk."""
+        em = self.emit
+        shape = em.shape(x)
+        exp, first = _expanded(dims, shape, sorted({ds, dt}))
+        ax, ay = first[ds] + fs, first[dt] + ft
+        assert exp[ay] == sum(y_sizes) and exp[ax] == x_sizes[group.rank], (exp, ax, ay, x_sizes, y_sizes)
+        xe = em.reshape(x, exp)
+        me = group.rank
+        if len(set(x_sizes)) == 1 and len(set(y_sizes)) == 1:
+            return self._all_to_all_even(xe, exp, ax, ay, shape, dims, first, group, purpose)
+        pieces, in_splits, off = [], [], 0
+        for j in range(group.size):
+            piece = em.slice(xe, ay, off, off + y_sizes[j])
+            off += y_sizes[j]
+            pieces.append(em.reshape(piece, [-1]))
+            in_splits.append(math.prod(exp) // exp[ay] * y_sizes[j])
+        flat = em.contiguous(em.cat(pieces, 0))
+        recv_shapes, out_splits = [], []
+        for j in range(group.size):
+            s = list(exp)
+            s[ax], s[ay] = x_sizes[j], y_sizes[me]
+            recv_shapes.append(s)
+            out_splits.append(math.prod(s))
+        got = em.all_to_all(flat, out_splits, in_splits, group, purpose)
+        chunks, off = [], 0
+        for s, n in zip(recv_shapes, out_splits):
+            chunks.append(em.reshape(em.slice(got, 0, off, off + n), s))
+            off += n
+        ye = em.cat(chunks, ax)
+        final = list(exp)
+        final[ax], final[ay] = sum(x_sizes), y_sizes[me]
+        merged = []
+        for i, size in enumerate(shape):
+            if i in first:
+                n = len(dims[i].factors) or 1
+                merged.append(math.prod(final[first[i]: first[i] + n]))
+            else:
+                merged.append(size)
+        return em.reshape(ye, merged)
+
+    def _all_to_all_even(self, xe, exp, ax, ay, shape, dims, first, group: AxisGroup, purpose: str):
+        """The same all-to-all when every chunk has the same size: one permute each way."""
+        em = self.emit
+        g = group.size
+        # (.., Y, ..) -> (.., g, y, ..) -> (g, .., y, ..): peer j's piece is row j
+        split_y = exp[:ay] + [g, exp[ay] // g] + exp[ay + 1:]
+        send = em.movedim(em.reshape(xe, split_y), ay, 0)
+        flat = em.reshape(em.contiguous(send), [-1])
+        n = math.prod(exp) // g
+        got = em.all_to_all(flat, [n] * g, [n] * g, group, purpose)
+        recv = [g] + exp[:ay] + [exp[ay] // g] + exp[ay + 1:]
+        got = em.reshape(got, recv)
+        # row j holds peer j's X chunk: put the peer axis right before X and merge the two
+        ye = em.movedim(got, 0, ax)
+        final = list(exp)
+        final[ay] = exp[ay] // g
+        final[ax] = exp[ax] * g
+        merged = []
+        for i, size in enumerate(shape):
+            if i in first:
+                k = len(dims[i].factors) or 1
+                merged.append(math.prod(final[first[i]: first[i] + k]))
+            else:
+                merged.append(size)
+        return em.reshape(ye, merged)
+
+    # -- rules -------------------------------------------------------------------------------
+    def rule(self, node: torch.fx.Node) -> Any:
+        t = node.target
+        if t is operator.getitem:
+            parent, idx = node.args
+            lays = self.layouts.get(parent)
+            return lays[idx] if isinstance(lays, (tuple, list)) else None
+        if str(t) == "vdopt.stage_boundary.default":
+            # PipeFusion's stage marker copies its inputs: each output keeps its input's layout
+            return tuple(self.layout(v) for v in node.args[0])
+        if t is SDPA:
+            return self.rule_sdpa(node)
+        if t in _RESHAPES or t in (aten.flatten.using_ints, aten.unflatten.int, aten.unsqueeze.default,
+                                   aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default):
+            return self.rule_reshape(node)
+        if t in (aten.permute.default, aten.transpose.int, aten.t.default):
+            return self.rule_permute(node)
+        if t is aten.expand.default:
+            return self.rule_expand(node)
+        if t is aten.slice.Tensor:
+            return self.rule_slice(node)
+        if t in (aten.select.int, aten.unbind.int):
+            return self.rule_select(node)
+        if t in (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default):
+            return self.rule_split(node)
+        if t in (aten.cat.default, aten.concat.default):
+            return self.rule_cat(node)
+        if t is aten.stack.default:
+            return self.rule_stack(node)
+        if t in _NORMS or t in _SOFTMAX:
+            return self.rule_keep_trailing(node)
+        if t in _REDUCTIONS:
+            return self.rule_reduction(node)
+        if t is aten.linear.default:
+            return self.rule_linear(node)
+        if t in _PER_SAMPLE:
+            return self.rule_per_sample(node)
+        if t in (aten.matmul.default, aten.mm.default, aten.bmm.default):
+            return self.rule_matmul(node)
+        if t is aten.einsum.default:
+            return self.rule_einsum(node)
+        if t is aten.repeat_interleave.self_int:
+            return self.rule_repeat_interleave(node)
+        if t is aten.constant_pad_nd.default:
+            return self.rule_pad(node)
+        if t is aten._assert_tensor_metadata.default:
+            node.kwargs = {k: v for k, v in node.kwargs.items() if k not in ("size", "stride")}
+            return None
+        if t in _NEW_TENSOR:
+            return None
+        if t is aten.copy_.default:
+            return self.rule_inplace(node)
+        if t in _SAME_LAYOUT:
+            return self.rule_same_layout(node)
+        if isinstance(t, torch._ops.OpOverload) and torch.Tag.pointwise in t.tags:
+            if t._schema.name.endswith("_"):
+                return self.rule_inplace(node)
+            return self.rule_pointwise(node)
+        raise NeedGather("no sharding rule for this op")
+
+    def _out_shape(self, node: torch.fx.Node) -> tuple[int, ...]:
+        return tuple(int(s) for s in node.meta["val"].shape)
+
+    def _merge_dims(self, out_shape, layouts: Sequence[Layout]) -> Layout:
+        """Output dims from broadcast-aligned input layouts; split dims must agree."""
+        dims = []
+        for i, size in enumerate(out_shape):
+            cands = [lay.dims[i] for lay in layouts if lay.dims[i].size == size and size != 1]
+            sharded = [c for c in cands if c.sharded]
+            if sharded:
+                if any(c.placement() != sharded[0].placement() for c in sharded):
+                    raise NeedGather(f"inputs are split differently along dim {i}")
+                dims.append(sharded[0])
+            elif cands and cands[0].factors:
+                dims.append(cands[0])
+            else:
+                dims.append(Dim.plain(size))
+        return Layout(tuple(dims))
+
+    def _localize_operands(self, node: torch.fx.Node, layout: Layout, skip: Sequence[torch.fx.Node] = ()) -> None:
+        """Localize every replicated tensor operand of ``node`` that broadcasts against ``layout``."""
+        nd = len(layout.dims)
+
+        def fix(a):
+            if not _is_tensor_node(a) or self.is_sharded(a) or a in skip:
+                return a
+            shape = tuple(int(s) for s in a.meta["val"].shape)
+            if len(shape) > nd:
+                return a
+            offset = nd - len(shape)
+            need = [(e, layout.dims[e + offset]) for e in range(len(shape))
+                    if layout.dims[e + offset].sharded and shape[e] == layout.dims[e + offset].size and shape[e] != 1]
+            return self.localize(a, need) if need else a
+
+        node.args = pytree.tree_map_only(torch.fx.Node, fix, node.args)
+        node.kwargs = pytree.tree_map_only(torch.fx.Node, fix, node.kwargs)
+
+    def _sharded_tensor_args(self, node: torch.fx.Node) -> list[torch.fx.Node]:
+        leaves = pytree.tree_leaves((node.args, node.kwargs))
+        return [a for a in leaves if isinstance(a, torch.fx.Node) and self.is_sharded(a)]
+
+    def rule_pointwise(self, node: torch.fx.Node) -> Layout | None:
+        out = self._out_shape(node)
+        lays = [self.layout(a).aligned(len(out)) for a in self._sharded_tensor_args(node)]
+        layout = self._merge_dims(out, lays)
+        self._localize_operands(node, layout)
+        return self._finish(layout)
+
+    def rule_inplace(self, node: torch.fx.Node) -> Layout | None:
+        if not self.is_sharded(node.args[0]):
+            raise NeedGather("in-place update of a replicated tensor")
+        return self.rule_pointwise(node)
+
+    def rule_same_layout(self, node: torch.fx.Node) -> Layout | None:
+        x = node.args[0]
+        if not self.is_sharded(x):
+            return None  # e.g. type_as(replicated, sharded): the sharded one only gives a dtype
+        return self.layout(x)
+
+    def rule_reshape(self, node: torch.fx.Node) -> Layout | None:
+        x = node.args[0]
+        layout = self.layout(x)
+        out = self._out_shape(node)
+        new = map_reshape(layout, out)
+        if new is None:
+            raise NeedGather(f"reshape {layout.describe()} -> {list(out)} cuts a split factor")
+        t = node.target
+        if t in _RESHAPES:
+            node.target = aten.reshape.default
+            node.args = (x, list(new.local_shape))
+        elif t is aten.unflatten.int:
+            dim = _dim(node.args[1], len(layout.dims))
+            n = len(node.args[2])
+            node.args = (x, node.args[1], list(new.local_shape[dim: dim + n]))
+        elif t in (aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default):
+            # a split dim may be 1 locally but not globally: squeeze exactly what the global op did
+            node.target = aten.reshape.default
+            node.args = (x, list(new.local_shape))
+            node.kwargs = {}
+        return self._finish(new)
+
+    def rule_permute(self, node: torch.fx.Node) -> Layout | None:
+        layout = self.layout(node.args[0])
+        nd = len(layout.dims)
+        if node.target is aten.permute.default:
+            order = [_dim(d, nd) for d in node.args[1]]
+        else:
+            a, b = (node.args[1], node.args[2]) if node.target is aten.transpose.int else (0, 1)
+            order = list(range(nd))
+            if nd >= 2:
+                a, b = _dim(a, nd), _dim(b, nd)
+                order[a], order[b] = order[b], order[a]
+        return layout.permute(order)
+
+    def rule_expand(self, node: torch.fx.Node) -> Layout | None:
+        layout = self.layout(node.args[0])
+        sizes = list(node.args[1])
+        aligned = layout.aligned(len(sizes))
+        dims, local = [], []
+        for i, s in enumerate(sizes):
+            d = aligned.dims[i]
+            if s == -1 or s == d.size:
+                dims.append(d)
+                local.append(d.local_size)
+            else:
+                assert d.size == 1
+                dims.append(Dim.plain(s))
+                local.append(s)
+        node.args = (node.args[0], local) + tuple(node.args[2:])
+        return Layout(tuple(dims))
+
+    def rule_slice(self, node: torch.fx.Node) -> Layout | None:
+        x = node.args[0]
+        layout = self.layout(x)
+        nd = len(layout.dims)
+        dim = _dim(node.args[1] if len(node.args) > 1 else 0, nd)
+        d = layout.dims[dim]
+        start = node.args[2] if len(node.args) > 2 else None
+        end = node.args[3] if len(node.args) > 3 else None
+        step = node.args[4] if len(node.args) > 4 else 1
+        size = d.size
+        s = 0 if start is None else (start + size if start < 0 else start)
+        e = size if end is None else (end + size if end < 0 else end)
+        s, e = max(0, min(s, size)), max(0, min(e, size))
+        out_size = int(self._out_shape(node)[dim])
+        if not d.sharded:
+            new = d if (s, e, step) == (0, size, 1) else Dim.plain(out_size)
+            return self._finish(layout.with_dim(dim, new))
+        if step != 1:
+            raise NeedGather("strided slice of a split dim")
+        if (s, e) == (0, size):
+            return layout
+        regions = {
+            (0, d.pre): (0, d.pre, Dim.plain(d.pre)),
+            (d.pre, d.pre + d.body): (d.pre, d.pre + d.local_body, Dim(d.factors)),
+            (d.pre + d.body, size): (d.pre + d.local_body, d.local_size, Dim.plain(d.post)),
+        }
+        if not d.joint or (s, e) not in regions or s == e:
+            raise NeedGather("slice of part of a split dim")
+        ls, le, new = regions[(s, e)]
+        node.args = (x, dim, ls, le) + tuple(node.args[5:])
+        return self._finish(layout.with_dim(dim, new))
+
+    def rule_select(self, node: torch.fx.Node) -> Any:
+        layout = self.layout(node.args[0])
+        nd = len(layout.dims)
+        dim = _dim(node.args[1] if len(node.args) > 1 else 0, nd)
+        if layout.dims[dim].sharded:
+            raise NeedGather("select/unbind along a split dim")
+        rest = Layout(layout.dims[:dim] + layout.dims[dim + 1:])
+        if node.target is aten.select.int:
+            return self._finish(rest)
+        return tuple(self._finish(rest) for _ in node.meta["val"])
+
+    def rule_split(self, node: torch.fx.Node) -> Any:
+        x = node.args[0]
+        layout = self.layout(x)
+        nd = len(layout.dims)
+        dim = _dim(node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0), nd)
+        d = layout.dims[dim]
+        sizes = [int(v.shape[dim]) for v in node.meta["val"]]
+        if not d.sharded:
+            return tuple(self._finish(layout.with_dim(dim, Dim.plain(s))) for s in sizes)
+        parts = [p for p in ((d.pre, "pre"), (d.body, "body"), (d.post, "post")) if p[0]]
+        if [p[0] for p in parts] != sizes:
+            raise NeedGather("split of a split dim")
+        local = {"pre": d.pre, "body": d.local_body, "post": d.post}
+        new = {"pre": Dim.plain(d.pre), "body": Dim(d.factors), "post": Dim.plain(d.post)}
+        node.target = aten.split_with_sizes.default
+        node.args = (x, [local[name] for _, name in parts], dim)
+        node.kwargs = {}
+        return tuple(self._finish(layout.with_dim(dim, new[name])) for _, name in parts)
+
+    def rule_cat(self, node: torch.fx.Node) -> Layout | None:
+        xs = list(node.args[0])
+        dim_arg = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        out = self._out_shape(node)
+        nd = len(out)
+        dim = _dim(dim_arg, nd)
+        sharded = [x for x in xs if self.is_sharded(x)]
+        along = [x for x in sharded if self.layout(x).dims[dim].sharded]
+        others = [self.layout(x).with_dim(dim, Dim.plain(out[dim])) for x in sharded]
+        if not along:
+            layout = self._merge_dims(out, others)
+            self._localize_operands(node, layout)
+            return self._finish(layout)
+        if len(along) > 1:
+            raise NeedGather("concatenation of two split tensors along their split dim")
+        k = xs.index(along[0])
+        dk = self.layout(along[0]).dims[dim]
+        before = sum(self.global_shape(x)[dim] for x in xs[:k])
+        after = sum(self.global_shape(x)[dim] for x in xs[k + 1:])
+        joint = Dim(dk.factors, pre=dk.pre + before, post=dk.post + after)
+        layout = self._merge_dims(out, [lay for lay in others]).with_dim(dim, joint)
+        # replicated pieces keep their rows along the cat dim; other dims are localized
+        self._localize_operands(node, layout.with_dim(dim, Dim.plain(out[dim])))
+        return layout
+
+    def rule_stack(self, node: torch.fx.Node) -> Layout | None:
+        xs = list(node.args[0])
+        out = self._out_shape(node)
+        dim = _dim(node.args[1] if len(node.args) > 1 else 0, len(out))
+        lays = []
+        for x in xs:
+            if self.is_sharded(x):
+                lay = self.layout(x)
+                lays.append(Layout(lay.dims[:dim] + (Dim.plain(out[dim]),) + lay.dims[dim:]))
+        layout = self._merge_dims(out, lays)
+        in_layout = Layout(layout.dims[:dim] + layout.dims[dim + 1:])
+        self._localize_operands(node, in_layout)
+        return layout
+
+    def rule_keep_trailing(self, node: torch.fx.Node) -> Layout | None:
+        x = node.args[0]
+        layout = self.layout(x)
+        nd = len(layout.dims)
+        if node.target in _NORMS:
+            lo = nd - len(node.args[_NORMS[node.target]])
+            reduced = set(range(lo, nd))
+        else:
+            reduced = {_dim(node.args[1], nd)}
+        if any(layout.dims[i].sharded for i in reduced):
+            raise NeedGather("normalizes over a split dim")
+        for a in pytree.tree_leaves((node.args[1:], node.kwargs)):
+            if isinstance(a, torch.fx.Node) and self.is_sharded(a):
+                raise NeedGather("weight is sharded")
+        return layout
+
+    def rule_reduction(self, node: torch.fx.Node) -> Layout | None:
+        layout = self.layout(node.args[0])
+        nd = len(layout.dims)
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
+            raise NeedGather("reduction over all dims")
+        dims = {_dim(d, nd) for d in ([dims] if isinstance(dims, int) else dims)}
+        if any(layout.dims[i].sharded for i in dims):
+            raise NeedGather("reduction over a split dim")
+        keep = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 and isinstance(node.args[2], bool) else False)
+        if node.target in (aten.var.correction, aten.std.correction):
+            keep = node.kwargs.get("keepdim", False)
+        new = [Dim() if i in dims else d for i, d in enumerate(layout.dims) if keep or i not in dims]
+        return self._finish(Layout(tuple(new)))
+
+    def rule_linear(self, node: torch.fx.Node) -> Layout | None:
+        x = node.args[0]
+        if any(self.is_sharded(a) for a in node.args[1:]) or not self.is_sharded(x):
+            raise NeedGather("sharded weight")
+        layout = self.layout(x)
+        if layout.dims[-1].sharded:
+            raise NeedGather("contracts a split dim")
+        return layout.with_dim(len(layout.dims) - 1, Dim.plain(self._out_shape(node)[-1]))
+
+    def rule_per_sample(self, node: torch.fx.Node) -> Layout | None:
+        x = node.args[0]
+        layout = self.layout(x)
+        others = [a for a in pytree.tree_leaves((node.args[1:], node.kwargs)) if self.is_sharded(a)]
+        if layout is None or others or any(d.sharded for d in layout.dims[1:]):
+            raise NeedGather("mixes values across a split non-batch dim")
+        out = self._out_shape(node)
+        return Layout((layout.dims[0],) + tuple(Dim.plain(n) for n in out[1:]))
+
+    def rule_matmul(self, node: torch.fx.Node) -> Layout | None:
+        a, b = node.args[0], node.args[1]
+        if not self.is_sharded(a) or self.is_sharded(b):
+            raise NeedGather("only the left operand may be split")
+        la = self.layout(a)
+        if la.dims[-1].sharded or len(la.dims) < 2:
+            raise NeedGather("contracts a split dim")
+        out = self._out_shape(node)
+        if len(out) != len(la.dims):
+            raise NeedGather("matmul broadcasts the right operand's batch dims")
+        layout = la.with_dim(len(out) - 1, Dim.plain(out[-1]))
+        b_shape = tuple(int(s) for s in b.meta["val"].shape)
+        if len(b_shape) > 2:
+            batch = Layout(layout.dims[:-2]).aligned(len(b_shape) - 2)
+            need = [(e, batch.dims[e]) for e in range(len(b_shape) - 2)
+                    if batch.dims[e].sharded and b_shape[e] == batch.dims[e].size and b_shape[e] != 1]
+            if need:
+                node.args = (a, self.localize(b, need)) + tuple(node.args[2:])
+        return layout
+
+    def rule_einsum(self, node: torch.fx.Node) -> Layout | None:
+        eq, operands = node.args[0], list(node.args[1])
+        if "..." in eq or "->" not in eq:
+            raise NeedGather("implicit einsum")
+        ins, out_letters = eq.replace(" ", "").split("->")
+        in_letters = ins.split(",")
+        letter_dim: dict[str, Dim] = {}
+        for letters, x in zip(in_letters, operands):
+            lay = self.layout(x)
+            if lay is None:
+                continue
+            for ch, d in zip(letters, lay.dims):
+                if d.sharded:
+                    if ch not in out_letters:
+                        raise NeedGather("einsum contracts a split dim")
+                    if ch in letter_dim and letter_dim[ch].placement() != d.placement():
+                        raise NeedGather("einsum operands split differently")
+                    letter_dim[ch] = d
+        new_ops = []
+        for letters, x in zip(in_letters, operands):
+            if self.is_sharded(x):
+                lay = self.layout(x)
+                if any(letter_dim.get(ch) is not None and d.placement() != letter_dim[ch].placement()
+                       for ch, d in zip(letters, lay.dims)):
+                    raise NeedGather("einsum operand not split on a shared letter")
+                new_ops.append(x)
+                continue
+            shape = tuple(int(s) for s in x.meta["val"].shape)
+            need = [(e, letter_dim[ch]) for e, ch in enumerate(letters) if ch in letter_dim and shape[e] != 1]
+            new_ops.append(self.localize(x, need))
+        node.args = (eq, new_ops)
+        out = self._out_shape(node)
+        return self._finish(Layout(tuple(letter_dim.get(ch, Dim.plain(out[i])) for i, ch in enumerate(out_letters))))
+
+    def rule_repeat_interleave(self, node: torch.fx.Node) -> Layout | None:
+        x = node.args[0]
+        layout = self.layout(x)
+        repeats = node.args[1]
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+        if dim is None:
+            raise NeedGather("repeat_interleave of a flattened tensor")
+        dim = _dim(dim, len(layout.dims))
+        d = layout.dims[dim]
+        out = self._out_shape(node)
+        if not d.sharded:
+            new = Dim.plain(out[dim])
+        elif d.joint:
+            raise NeedGather("repeat_interleave of a joint dim")
+        else:
+            new = Dim(d.factors + ((Factor("?", repeats),) if repeats != 1 else ()))
+        layout = layout.with_dim(dim, new)
+        if "output_size" in node.kwargs:
+            node.kwargs = {**node.kwargs, "output_size": layout.local_shape[dim]}
+        if len(node.args) > 3:
+            node.args = tuple(node.args[:3]) + (layout.local_shape[dim],)
+        return layout
+
+    def rule_pad(self, node: torch.fx.Node) -> Layout | None:
+        layout = self.layout(node.args[0])
+        pad = node.args[1]
+        nd = len(layout.dims)
+        out = self._out_shape(node)
+        dims = list(layout.dims)
+        for k in range(len(pad) // 2):
+            i = nd - 1 - k
+            if pad[2 * k] or pad[2 * k + 1]:
+                if dims[i].sharded:
+                    raise NeedGather("pads a split dim")
+                dims[i] = Dim.plain(out[i])
+        return Layout(tuple(dims))
+
+    # -- attention ---------------------------------------------------------------------------
+    @staticmethod
+    def sdpa_inputs(node: torch.fx.Node) -> tuple:
+        names = ("query", "key", "value", "attn_mask")
+        args = list(node.args) + [None] * 4
+        return tuple(node.kwargs.get(n, args[i]) for i, n in enumerate(names))
+
+    def set_sdpa_inputs(self, node: torch.fx.Node, q, k, v, mask) -> None:
+        args = list(node.args)
+        args[0:3] = [q, k, v]
+        if len(args) > 3 or mask is not None:
+            if "attn_mask" in node.kwargs:
+                node.kwargs = {**node.kwargs, "attn_mask": mask}
+            else:
+                args = args + [None] * (4 - len(args))
+                args[3] = mask
+        node.args = tuple(args)
+
+    def rule_sdpa(self, node: torch.fx.Node) -> Layout | None:
+        q, k, v, mask = self.sdpa_inputs(node)
+        lk, lv = self.layout(k), self.layout(v)
+        kv_seq = any(lay is not None and lay.dims[2].sharded for lay in (lk, lv))
+        if kv_seq:
+            lq = self.layout(q)
+            if self.seq_attention is None or lq is None or not lq.dims[2].sharded:
+                raise NeedGather("keys split along the sequence but queries are not")
+            return self.seq_attention(self, node)
+        return self.local_sdpa(node)
+
+    def local_sdpa(self, node: torch.fx.Node) -> Layout | None:
+        """SDPA whose keys are whole on every rank: only batch, heads or query rows are split."""
+        q, k, v, mask = self.sdpa_inputs(node)
+        if self.is_sharded(mask) and self.layout(mask).aligned(4).dims[3].sharded:
+            raise NeedGather("mask split along the keys")
+        if node.kwargs.get("enable_gqa") and any(self.layout(t) is not None and self.layout(t).dims[1].sharded for t in (q, k, v)):
+            raise NeedGather("grouped-query attention with split heads")
+        lays = {t: self.layout(t) for t in (q, k, v) if self.layout(t) is not None}
+        for t, lay in lays.items():
+            if lay.dims[3].sharded or (t is not q and lay.dims[2].sharded):
+                raise NeedGather("split head dim")
+        out = self._out_shape(node)
+        batch_heads = self._merge_dims(out[:2], [Layout(lay.dims[:2]) for lay in lays.values()])
+        lq = self.layout(q)
+        q_rows = lq.dims[2] if lq is not None else Dim.plain(out[2])
+        layout = Layout(batch_heads.dims + (q_rows, Dim.plain(out[3])))
+        new = []
+        for t in (q, k, v):
+            if self.is_sharded(t):
+                new.append(t)
+                continue
+            shape = self.emit.shape(t)
+            rows = (q_rows,) if t is q else (Dim.plain(shape[2]),)
+            want = batch_heads.dims + rows
+            need = [(e, want[e]) for e in range(3) if want[e].sharded and shape[e] == want[e].size]
+            new.append(self.localize(t, need))
+        if mask is not None and not self.is_sharded(mask):
+            mshape = self.emit.shape(mask)
+            want = Layout(layout.dims[:3] + (Dim.plain(1),)).dims[4 - len(mshape):]
+            need = [(e, want[e]) for e in range(len(mshape)) if want[e].sharded and mshape[e] == want[e].size and mshape[e] != 1]
+            mask = self.localize(mask, need)
+        self.set_sdpa_inputs(node, *new, mask)
+        return self._finish(layout)

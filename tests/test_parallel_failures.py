@@ -1,0 +1,65 @@
+"""A rank that dies or hangs becomes an error on the others, never a hang.
+
+Two real gloo ranks build a Ulysses plan; then rank 1 exits (or sleeps past the mesh
+timeout) instead of running the call. Rank 0's call must raise within the mesh's
+``timeout_s`` (plus slack), not block forever.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from multirank import _free_port
+
+MESH_TIMEOUT_S = 3.0
+
+
+def _rank(rank: int, port: int, mode: str, queue) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
+    import vdopt
+    from vdopt.models import build
+
+    model, args, kwargs = build("wan", "tiny")
+    opt = vdopt.optimize(model, vdopt.Mesh(ulysses=2, timeout_s=MESH_TIMEOUT_S), example_inputs=(args, kwargs))
+    if rank == 1:
+        if mode == "dies":
+            os._exit(3)
+        time.sleep(4 * MESH_TIMEOUT_S)  # hangs: never joins the collectives
+        return
+    start = time.perf_counter()
+    try:
+        opt(*args, **kwargs)
+        queue.put(("no error", time.perf_counter() - start))
+    except Exception as e:
+        queue.put((f"{type(e).__name__}: {e}", time.perf_counter() - start))
+
+
+@pytest.mark.parametrize("mode", ["dies", "hangs"])
+def test_a_lost_rank_is_an_error_on_the_others(mode):
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_rank, args=(r, port, mode, queue), daemon=True) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        message, seconds = queue.get(timeout=120)
+    finally:
+        for p in procs:
+            p.join(timeout=1)
+            if p.is_alive():
+                p.kill()
+    assert message.startswith("RuntimeError"), message
+    assert seconds < MESH_TIMEOUT_S + 5, f"rank 0 waited {seconds:.1f} s"
+    if mode == "hangs":
+        assert "Timed out" in message or "timeout" in message.lower(), message

@@ -1,0 +1,448 @@
+"""Pyramid Attention Broadcast at run time: the schedule, per-call state, variant choice.
+
+The rule is diffusers' ``PyramidAttentionBroadcastHook``: on the i-th call since reset, with
+timestep t, a region of PAB kind k computes when ``i == 0``, or t is not strictly inside k's
+window, or ``i % range_k == 0``; otherwise it returns the output cached at its last
+computation. Decisions depend on (i, t) only, so every rank of a mesh takes the same one.
+
+State is kept per call *slot* within a step. A pipeline that calls the model twice per step
+(cond then uncond at the same timestep) gets two slots, each with its own call counter and
+caches; diffusers' hook keys its state per module only and so mixes them. A call whose
+timestep equals the previous call's is the next slot of the same step; a lower timestep
+starts the next step at slot 0; a higher one starts a new generation (as ``reset()`` does).
+
+The graph is specialized once per pattern of reused kinds (``passes/pab_specialize.py``):
+a reused region is dead code in its variant, so its projections, norms and collectives are
+not executed. ``PABProgram`` picks the variant per call and moves the caches in and out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from types import MappingProxyType
+from typing import Any
+
+import torch
+import torch.fx
+import torch.fx._pytree as fx_pytree
+from torch.utils import _pytree as pytree
+
+from vdopt.compile import compile_graph, compile_summary
+from vdopt.config import PABConfig
+from vdopt.passes.base import PassContext
+from vdopt.passes.pab_specialize import (
+    PAB_KINDS,
+    PABRegion,
+    PABSpecialize,
+    find_pab_regions,
+    flat_copy,
+)
+from vdopt.passes.runner import PassRecord, run_passes
+
+log = logging.getLogger(__name__)
+
+TIMESTEP_ARG = "timestep"
+"""The model argument the timestep is read from."""
+
+
+# -- the schedule ----------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class KindRule:
+    """When regions of one PAB kind compute."""
+
+    range: int
+    """Compute on every ``range``-th call of a slot (and reuse in between)."""
+    window: tuple[float, float]
+    """Reuse is allowed only for timesteps strictly inside this open interval."""
+
+    def computes(self, index: int, timestep: float) -> bool:
+        """Whether the ``index``-th call since reset (0-based) at ``timestep`` computes."""
+        low, high = self.window
+        return index == 0 or not (low < timestep < high) or index % self.range == 0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PABSchedule:
+    """The rule of every PAB kind that can reuse (range > 1); other kinds always compute."""
+
+    rules: Mapping[str, KindRule]
+    """PAB kind -> rule, for the kinds that may reuse."""
+
+    @classmethod
+    def from_config(cls, config: PABConfig) -> PABSchedule:
+        settings = {
+            "spatial": (config.spatial_range, config.spatial_window),
+            "temporal": (config.temporal_range, config.temporal_window),
+            "cross": (config.cross_range, config.cross_window),
+            "mlp": (config.mlp_range, config.mlp_window),
+        }
+        rules = {
+            kind: KindRule(range=r, window=(float(w[0]), float(w[1])))
+            for kind, (r, w) in settings.items()
+            if r is not None and r > 1  # range 1 computes every call: nothing to cache
+        }
+        return cls(rules=MappingProxyType(rules))
+
+    def only(self, kinds: Iterable[str]) -> PABSchedule:
+        """The schedule restricted to ``kinds`` (those the model has regions of)."""
+        kinds = set(kinds)
+        return PABSchedule(rules=MappingProxyType({k: r for k, r in self.rules.items() if k in kinds}))
+
+    def reused(self, index: int, timestep: float) -> frozenset[str]:
+        """PAB kinds that reuse their cache on the ``index``-th call of a slot at ``timestep``."""
+        return frozenset(k for k, rule in self.rules.items() if not rule.computes(index, timestep))
+
+    def patterns(self) -> list[frozenset[str]]:
+        """Every set of reused kinds some call can need, compute-everything first.
+
+        The decision depends on ``index % range`` (periodic with the ranges' lcm) and on which
+        windows hold t (constant between window ends), so trying those points is exhaustive.
+        """
+        ends = sorted({e for rule in self.rules.values() for e in rule.window})
+        probes = set(ends)
+        probes.update((a + b) / 2 for a, b in itertools.pairwise(ends))
+        if ends:
+            probes.update((ends[0] - 1, ends[-1] + 1))
+        period = math.lcm(*(rule.range for rule in self.rules.values())) if self.rules else 1
+        found = {frozenset()}
+        for t in probes:
+            for index in range(1, period + 1):
+                found.add(self.reused(index, t))
+        return sorted(found, key=lambda p: (len(p), [PAB_KINDS.index(k) for k in sorted(p, key=PAB_KINDS.index)]))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: {"range": r.range, "window": list(r.window)} for k, r in self.rules.items()}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PABSchedule:
+        rules = {k: KindRule(range=int(v["range"]), window=tuple(float(x) for x in v["window"])) for k, v in data.items()}
+        return cls(rules=MappingProxyType(rules))
+
+
+def variant_name(reuse: Iterable[str]) -> str:
+    """``compute_all`` or ``reuse_<kinds>`` (kinds in ``PAB_KINDS`` order)."""
+    kinds = sorted(reuse, key=PAB_KINDS.index)
+    return "reuse_" + "_".join(kinds) if kinds else "compute_all"
+
+
+def read_timestep(inputs: Mapping[str, Any], arg: str = TIMESTEP_ARG) -> float:
+    """The call's timestep: the largest value of its ``timestep`` argument.
+
+    With batched CFG every entry is the same t; with per-token timesteps (conditioning
+    frames at 0) the largest entry is the step's t.
+    """
+    if arg not in inputs or inputs[arg] is None:
+        raise ValueError(
+            f"PAB reads the timestep from the model's `{arg}` argument, but this call has "
+            f"none (arguments: {sorted(inputs)}); pass the timestep as `{arg}=...` or disable PAB"
+        )
+    value = inputs[arg]
+    if isinstance(value, torch.Tensor):
+        return float(value.detach().max()) if value.numel() else 0.0
+    return float(value)
+
+
+# -- per-call state --------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class SlotState:
+    """State of one call slot (e.g. the cond or the uncond call of every step)."""
+
+    calls: int = 0
+    """Calls of this slot since reset (the rule's i)."""
+    cache: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    """Cache key (``PABRegion.cache_keys``) -> the region's output at its last computation."""
+
+
+class StepTracker:
+    """Maps each call to its slot from the timesteps: equal t = next slot, lower = next step,
+    higher = new generation."""
+
+    def __init__(self) -> None:
+        self.last_timestep: float | None = None
+        self.slot = 0
+
+    def advance(self, timestep: float) -> tuple[int, bool]:
+        """``(slot, new_generation)`` of a call at ``timestep``."""
+        new_generation = self.last_timestep is None or timestep > self.last_timestep
+        if new_generation or timestep < self.last_timestep:
+            self.slot = 0
+        else:
+            self.slot += 1
+        self.last_timestep = timestep
+        return self.slot, new_generation
+
+    def reset(self) -> None:
+        self.last_timestep = None
+        self.slot = 0
+
+
+# -- variants --------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Variant:
+    """The executable for one pattern of reused kinds."""
+
+    name: str
+    """``compute_all`` or ``reuse_<kinds>``."""
+    reuse: frozenset[str]
+    """PAB kinds read from the cache."""
+    run: Callable[..., Sequence[Any]]
+    """``run(*input_leaves, *cache_inputs) -> (*output_leaves, *cache_outputs)``."""
+    cache_inputs: tuple[str, ...]
+    """Cache keys of the extra inputs, in order."""
+    cache_outputs: tuple[str, ...]
+    """Cache keys of the extra outputs, in order."""
+    graph: torch.fx.GraphModule | None = None
+    """The specialized graph (None for a variant loaded from an artifact)."""
+    record: PassRecord | None = None
+    """What the specialization did (removed nodes, linears, attention ops, collectives)."""
+
+
+class GraphVariants:
+    """Builds variants from the final per-rank graph, each once, on first use."""
+
+    def __init__(
+        self,
+        gm: torch.fx.GraphModule,
+        ctx: PassContext,
+        regions: Sequence[PABRegion],
+        cached: frozenset[str],
+        *,
+        compile: bool | None = None,
+    ) -> None:
+        self.base = flat_copy(gm)
+        self.ctx = ctx
+        self.regions = tuple(regions)
+        self.cached = cached
+        self.compile = compile
+        """``vdopt.compile.compile_graph``'s ``enabled``: None compiles on CUDA only."""
+        self.built: dict[frozenset[str], Variant] = {}
+
+    def graph(self, reuse: frozenset[str]) -> tuple[torch.fx.GraphModule, PABSpecialize, PassRecord]:
+        spec = PABSpecialize(regions=self.regions, reuse=reuse, cache=self.cached)
+        gm, records = run_passes(flat_copy(self.base), self.ctx, [spec])
+        return gm, spec, records[0]
+
+    def __call__(self, reuse: frozenset[str]) -> Variant:
+        variant = self.built.get(reuse)
+        if variant is None:
+            gm, spec, record = self.graph(reuse)
+            name = variant_name(reuse)
+            run = compile_graph(gm, self.ctx.device, enabled=self.compile, name=f"pab {name}")
+            variant = Variant(
+                name=name, reuse=reuse, run=run, cache_inputs=spec.cache_inputs(),
+                cache_outputs=spec.cache_outputs(), graph=gm, record=record,
+            )
+            log.debug("PAB variant %s: %s", variant.name, record.stats)
+            self.built[reuse] = variant
+        return variant
+
+
+# -- the program -----------------------------------------------------------------------------
+
+class PABProgram:
+    """Runs a captured signature with PAB: picks the variant per call, keeps the caches."""
+
+    def __init__(
+        self,
+        *,
+        schedule: PABSchedule,
+        regions: Sequence[PABRegion],
+        variants: Callable[[frozenset[str]], Variant],
+        in_spec: pytree.TreeSpec | None,
+        out_spec: pytree.TreeSpec | None,
+        input_names: Sequence[str] = (),
+        skipped: Mapping[str, str] | None = None,
+    ) -> None:
+        """Prefer ``from_graph``; this form lets a loader plug in precompiled variants.
+
+        Args:
+            schedule: the per-kind rules.
+            regions: broadcastable regions; only their kinds and cache keys are used here.
+            variants: ``reuse pattern -> Variant``, called once per call (cache it inside).
+            in_spec / out_spec: the captured graph's pytree specs (``None``: inputs are passed
+                flat in ``input_names`` order and the output leaves are returned as a tuple).
+            skipped: sites not broadcast and why (for the report).
+        """
+        self.schedule = schedule
+        self.regions = tuple(regions)
+        self._variants = variants
+        self.in_spec = in_spec
+        self.out_spec = out_spec
+        self.input_names = tuple(input_names)
+        self.skipped = dict(skipped or {})
+        self.tracker = StepTracker()
+        self.slots: dict[int, SlotState] = {}
+        self.counts = {k: {"computed": 0, "reused": 0} for k in PAB_KINDS}
+        """Region calls per PAB kind since the program was built (not cleared by reset)."""
+        self.variant_calls: dict[str, int] = {}
+
+    @classmethod
+    def from_graph(
+        cls, gm: torch.fx.GraphModule, ctx: PassContext, config: PABConfig, *, compile: bool | None = None
+    ) -> PABProgram:
+        """PAB over the final per-rank graph ``gm`` (after every other pass); each variant is
+        run through ``vdopt.compile.compile_graph(enabled=compile)``."""
+        schedule = PABSchedule.from_config(config)
+        regions, skipped = find_pab_regions(gm.graph, ctx.sites, mlp=config.mlp_range is not None)
+        # Kinds with range None or 1 compute on every call: nothing to specialize or cache.
+        regions = [r for r in regions if r.kind in schedule.rules]
+        schedule = schedule.only(r.kind for r in regions)
+        if not regions:
+            log.warning("PAB: no attention site of %s is broadcastable (%s)", type(gm).__name__, skipped or "no sites")
+        codegen = gm.graph._codegen
+        info = getattr(codegen, "pytree_info", None)
+        names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+        variants = GraphVariants(gm, ctx, regions, frozenset(schedule.rules), compile=compile)
+        return cls(
+            schedule=schedule, regions=regions, variants=variants,
+            in_spec=info.in_spec if info else None, out_spec=info.out_spec if info else None,
+            input_names=names, skipped=skipped,
+        )
+
+    # -- running ---------------------------------------------------------------------------
+    def _flatten(self, inputs: dict[str, Any]) -> list[Any]:
+        if self.in_spec is not None:
+            return list(fx_pytree.tree_flatten_spec(([], dict(inputs)), self.in_spec))
+        return [inputs[name] for name in self.input_names]
+
+    def _unflatten(self, leaves: Sequence[Any]) -> Any:
+        if self.out_spec is not None:
+            return pytree.tree_unflatten(list(leaves), self.out_spec)
+        return tuple(leaves)
+
+    def decide(self, timestep: float) -> tuple[SlotState, frozenset[str]]:
+        """Advance the step state for a call at ``timestep``: its slot and the kinds it reuses."""
+        slot_index, new_generation = self.tracker.advance(timestep)
+        if new_generation:
+            self.slots.clear()
+        slot = self.slots.setdefault(slot_index, SlotState())
+        reuse = self.schedule.reused(slot.calls, timestep)
+        # Like diffusers' hook, never reuse an empty cache.
+        return slot, frozenset(k for k in reuse if self._has_cache(slot, k))
+
+    def _has_cache(self, slot: SlotState, kind: str) -> bool:
+        return all(key in slot.cache for r in self.regions if r.kind == kind for key in r.cache_keys())
+
+    def __call__(self, inputs: dict[str, Any]) -> Any:
+        slot, reuse = self.decide(read_timestep(inputs))
+        variant = self._variants(reuse)
+        leaves = self._flatten(inputs)
+        caches = [slot.cache[key] for key in variant.cache_inputs]
+        result = variant.run(*leaves, *caches)
+        n_out = len(result) - len(variant.cache_outputs)
+        for key, value in zip(variant.cache_outputs, result[n_out:]):
+            slot.cache[key] = value
+        slot.calls += 1
+        for region in self.regions:
+            self.counts[region.kind]["reused" if region.kind in reuse else "computed"] += 1
+        self.variant_calls[variant.name] = self.variant_calls.get(variant.name, 0) + 1
+        return self._unflatten(result[:n_out])
+
+    def reset(self) -> None:
+        """Start a new generation: clear every slot's counter and cache."""
+        self.tracker.reset()
+        self.slots.clear()
+
+    # -- introspection and export -----------------------------------------------------------
+    def cache_bytes(self) -> int:
+        """Bytes of cached region outputs held now (all slots)."""
+        return sum(t.numel() * t.element_size() for s in self.slots.values() for t in s.cache.values())
+
+    def variant(self, reuse: Iterable[str] = ()) -> Variant:
+        """The variant for one pattern of reused kinds (built now if needed)."""
+        return self._variants(frozenset(reuse))
+
+    def variants(self, patterns: Iterable[Iterable[str]] | None = None) -> dict[str, torch.fx.GraphModule]:
+        """Specialized graphs by variant name, for every pattern the schedule can need.
+
+        Each is flat: ``gm(*input_leaves, *cache_inputs) -> (*output_leaves, *cache_outputs)``
+        with the cache keys listed per variant in ``schedule_spec()``.
+        """
+        patterns = self.schedule.patterns() if patterns is None else [frozenset(p) for p in patterns]
+        out = {}
+        for reuse in patterns:
+            v = self._variants(frozenset(reuse))
+            assert v.graph is not None, "this program's variants were loaded, not built"
+            out[v.name] = v.graph
+        return out
+
+    def schedule_spec(self) -> dict[str, Any]:
+        """JSON-serializable description of the schedule, regions and variant signatures."""
+        variants = {}
+        for reuse in self.schedule.patterns():
+            v = self._variants(reuse)
+            variants[v.name] = {
+                "reuse": sorted(reuse, key=PAB_KINDS.index),
+                "cache_inputs": list(v.cache_inputs),
+                "cache_outputs": list(v.cache_outputs),
+            }
+        return {
+            "timestep_arg": TIMESTEP_ARG,
+            "rules": self.schedule.as_dict(),
+            "regions": [
+                {"name": r.name, "kind": r.kind, "site_kind": r.site_kind, "cache_keys": list(r.cache_keys())}
+                for r in self.regions
+            ],
+            "variants": variants,
+            "in_spec": pytree.treespec_dumps(self.in_spec) if self.in_spec is not None else None,
+            "out_spec": pytree.treespec_dumps(self.out_spec) if self.out_spec is not None else None,
+            "input_names": list(self.input_names),
+        }
+
+    @classmethod
+    def from_spec(cls, spec: Mapping[str, Any], runners: Mapping[str, Callable[..., Sequence[Any]]]) -> PABProgram:
+        """A program over precompiled variants (e.g. AOTInductor packages), by variant name."""
+        by_reuse: dict[frozenset[str], Variant] = {}
+        for name, v in spec["variants"].items():
+            if name not in runners:
+                raise ValueError(f"PAB variant {name!r} has no runner; got {sorted(runners)}")
+            reuse = frozenset(v["reuse"])
+            by_reuse[reuse] = Variant(
+                name=name, reuse=reuse, run=runners[name],
+                cache_inputs=tuple(v["cache_inputs"]), cache_outputs=tuple(v["cache_outputs"]),
+            )
+        regions = [
+            PABRegion(name=r["name"], kind=r["kind"], site_kind=r["site_kind"],
+                      outputs=tuple(k for k in r["cache_keys"]), scope_nodes=0)
+            for r in spec["regions"]
+        ]
+        loads = pytree.treespec_loads
+        return cls(
+            schedule=PABSchedule.from_dict(spec["rules"]), regions=regions, variants=by_reuse.__getitem__,
+            in_spec=loads(spec["in_spec"]) if spec.get("in_spec") else None,
+            out_spec=loads(spec["out_spec"]) if spec.get("out_spec") else None,
+            input_names=spec.get("input_names", ()),
+        )
+
+    def summary(self) -> dict[str, Any]:
+        lines: dict[str, Any] = {}
+        for kind in PAB_KINDS:
+            sites = [r for r in self.regions if r.kind == kind]
+            if not sites:
+                continue
+            rule = self.schedule.rules.get(kind)
+            c = self.counts[kind]
+            how = f"range {rule.range}, window {rule.window}" if rule else "always computed"
+            lines[f"pab {kind}"] = f"{len(sites)} regions ({how}): computed {c['computed']}, reused {c['reused']} region calls"
+        if self.skipped:
+            lines["pab not broadcast"] = "; ".join(f"{k} ({why})" for k, why in self.skipped.items())
+        lines["pab cache held"] = f"{self.cache_bytes() / 2**20:.2f} MiB in {len(self.slots)} call slot(s)"
+        built = getattr(self._variants, "built", {})
+        if built:
+            parts = []
+            for v in built.values():
+                removed = {k: n for k, n in (v.record.stats if v.record else {}).items() if k.startswith("removed_") and n}
+                parts.append(
+                    f"{v.name} x{self.variant_calls.get(v.name, 0)}"
+                    + (" (" + ", ".join(f"-{n} {k.removeprefix('removed_')}" for k, n in removed.items()) + ")" if removed else "")
+                )
+            lines["pab variants"] = "; ".join(parts)
+            lines.update(compile_summary(v.run for v in built.values()))
+        return lines

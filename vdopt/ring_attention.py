@@ -1,0 +1,154 @@
+"""Ring attention: the body of the ``vdopt::ring_attention`` op.
+
+Each rank of a ring group holds a block of the queries and the matching block of keys and
+values. In ``P`` steps every rank attends its queries to every K/V block: at each step it
+computes attention with the block it holds (returning the log-sum-exp of the scores), merges
+that partial result into a running fp32 accumulator, and meanwhile sends the block to the next
+rank and receives the previous rank's block (``torch.distributed`` point-to-point sends,
+overlapped with the compute). Keys every rank already holds in full (``k_fixed``: text tokens
+of a joint text+video sequence) are attended once, before the ring, so each is seen exactly
+once per query.
+
+Why an op and not functional collectives: functional collectives have no send/recv, and an
+all-gather of K/V would move the same bytes but materialize every block at once, losing the
+memory bound that is the point of a ring. The op resolves its process group by name, like
+functional collectives do, so AOTInductor packages can call it (``vdopt.load`` imports
+``vdopt.ops`` first).
+
+Legend: B batch, N heads, Sq queries, Skv keys, D head dim (Dv of the values).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+aten = torch.ops.aten
+
+
+def _mask_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+    return mask.to(dtype)
+
+
+def _any_valid_key(mask: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    valid = mask if mask.dtype == torch.bool else mask > float("-inf")
+    return valid.any(dim=-1).expand(lse.shape)
+
+
+def attention_with_lse(
+    q_BNSD: torch.Tensor,
+    k_BNSD: torch.Tensor,
+    v_BNSD: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)`` of softmax attention; ``lse`` fp32 (B, N, Sq), -inf for rows with no key.
+
+    ``mask`` broadcasts to (B, N, Sq, Skv): bool (True = attend) or additive float.
+    """
+    if k_BNSD.shape[-2] == 0:
+        out = q_BNSD.new_zeros(q_BNSD.shape[:-1] + (v_BNSD.shape[-1],))
+        return out, torch.full(q_BNSD.shape[:-1], float("-inf"), device=q_BNSD.device)
+    same_head_dim = q_BNSD.shape[-1] == v_BNSD.shape[-1]
+    if q_BNSD.device.type == "cpu" and same_head_dim:
+        bias = None if mask is None else _mask_bias(mask, q_BNSD.dtype)
+        out, lse = aten._scaled_dot_product_flash_attention_for_cpu(
+            q_BNSD, k_BNSD, v_BNSD, 0.0, False, attn_mask=bias, scale=scale
+        )
+    elif q_BNSD.device.type == "cuda" and same_head_dim and mask is None:
+        from vdopt.kernels.dispatch import attention_forward
+
+        out, lse = attention_forward(q_BNSD, k_BNSD, v_BNSD, scale)
+    else:  # plain fp32 math: other devices, value head dims that differ, masks on CUDA
+        scores = torch.matmul(q_BNSD.float(), k_BNSD.float().transpose(-1, -2)) * scale
+        if mask is not None:
+            scores = scores + _mask_bias(mask, torch.float32)
+        lse = torch.logsumexp(scores, dim=-1)
+        probs = torch.exp(scores - lse.nan_to_num(neginf=0.0)[..., None])
+        out = torch.matmul(probs, v_BNSD.float()).to(q_BNSD.dtype)
+    if mask is not None:  # a row whose keys are all masked contributes nothing
+        lse = torch.where(_any_valid_key(mask, lse), lse, float("-inf"))
+    return out, lse.float()
+
+
+def merge_partial(
+    acc_out: torch.Tensor | None, acc_lse: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine two partial softmax-attention results over disjoint key sets, in fp32."""
+    if acc_out is None:
+        return out.float(), lse
+    new_lse = torch.logaddexp(acc_lse, lse)
+    ref = torch.where(torch.isinf(new_lse), torch.zeros_like(new_lse), new_lse)
+    w_acc = torch.exp(acc_lse - ref)[..., None]
+    w_new = torch.exp(lse - ref)[..., None]
+    return acc_out * w_acc + out.float() * w_new, new_lse
+
+
+def _key_block(mask: torch.Tensor | None, start: int, length: int) -> torch.Tensor | None:
+    if mask is None or mask.shape[-1] == 1:
+        return mask
+    return mask[..., start:start + length]
+
+
+def ring_attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_fixed: torch.Tensor | None,
+    v_fixed: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    mask_fixed: torch.Tensor | None,
+    block_lens: Sequence[int],
+    scale: float,
+    group_name: str,
+) -> torch.Tensor:
+    """Softmax attention of ``q`` over ``k_fixed`` and every rank's K/V block; see the module doc.
+
+    ``block_lens[i]``: keys of rank ``i``'s block (ranks of the group); ``mask`` covers the
+    blocks' keys in rank order (or broadcasts with a key dim of 1), ``mask_fixed`` the fixed keys.
+    """
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    group = _resolve_process_group(group_name)
+    size, me = dist.get_world_size(group), dist.get_rank(group)
+    assert k.shape[-2] == block_lens[me], f"ring block {k.shape[-2]} != block_lens[{me}]={block_lens[me]}"
+    offsets = [sum(block_lens[:i]) for i in range(size)]
+    acc_out = acc_lse = None
+    if k_fixed is not None and k_fixed.shape[-2] > 0:
+        acc_out, acc_lse = attention_with_lse(q, k_fixed, v_fixed, mask_fixed, scale)
+    # K and V travel as one flat buffer: one send and one receive per step.
+    k_shape, v_shape = tuple(k.shape[:-2]), tuple(v.shape[:-2])
+    dk, dv = k.shape[-1], v.shape[-1]
+    per_key = math.prod(k_shape) * dk, math.prod(v_shape) * dv
+    buf = torch.cat([k.reshape(-1), v.reshape(-1)])
+    nxt, prv = dist.get_global_rank(group, (me + 1) % size), dist.get_global_rank(group, (me - 1) % size)
+    src = me
+    for step in range(size):
+        reqs, recv = [], None
+        if step < size - 1:
+            n = block_lens[(src - 1) % size]
+            recv = buf.new_empty(n * (per_key[0] + per_key[1]))
+            reqs = dist.batch_isend_irecv(
+                [dist.P2POp(dist.isend, buf, nxt, group), dist.P2POp(dist.irecv, recv, prv, group)]
+            )
+        n = block_lens[src]
+        kb = buf[: n * per_key[0]].view(*k_shape, n, dk)
+        vb = buf[n * per_key[0]:].view(*v_shape, n, dv)
+        out, lse = attention_with_lse(q, kb, vb, _key_block(mask, offsets[src], n), scale)
+        acc_out, acc_lse = merge_partial(acc_out, acc_lse, out, lse)
+        for r in reqs:
+            r.wait()
+        if recv is not None:
+            buf, src = recv, (src - 1) % size
+    return acc_out.to(q.dtype).contiguous()
+
+
+def ring_bytes_sent(block_lens: Sequence[int], rank: int, key_bytes: int) -> int:
+    """Bytes rank ``rank`` sends in one ring pass: every block but the last one it holds."""
+    size = len(block_lens)
+    return sum(block_lens[(rank - s) % size] for s in range(size - 1)) * key_bytes
