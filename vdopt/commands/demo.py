@@ -21,8 +21,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="latte", help="zoo model (default latte)")
     p.add_argument("--steps", type=int, default=8, help="denoising steps (default 8)")
     p.add_argument("--nproc", type=int, default=None, help="local gloo ranks (default: product of the degrees)")
+    # The default mesh shows both kinds of split: cond/uncond over 2 ranks, tokens over 2.
+    defaults = {"cfg": 2, "ulysses": 2}
     for axis in MESH_AXES:
-        p.add_argument(f"--{axis}", type=int, default=1, help=f"{axis} degree (default 1)")
+        default = defaults.get(axis, 1)
+        p.add_argument(f"--{axis}", type=int, default=default, help=f"{axis} degree (default {default})")
     p.add_argument("--pab", action="store_true", help="also run with Pyramid Attention Broadcast")
     p.set_defaults(func=run)
 
