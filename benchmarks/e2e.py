@@ -23,8 +23,10 @@ Methods, each in a fresh worker process (clean memory figures, no shared compile
 
 PAB settings are ANCHORS.md's for Wan2.1: spatial range 2, cross range 6, window (100, 800).
 
-Per method: the first generation (warm-up: capture, compilation) and ``--repeats`` timed
-ones (the best is reported), time from process start to the first model output, peak
+Per method: the first generation (warm-up: capture, compilation; methods warm up one at a
+time) and ``--repeats`` timed ones (the best is reported; on the CPU every worker stays up
+and the timed generations go round by round, so load from other processes on a shared
+machine hits all methods alike), time from process start to the first model output, peak
 memory (CUDA: ``max_memory_allocated``; CPU: the worker's peak resident set), and the
 final latent's relative error against ``diffusers_eager``. ``vdopt_artifact`` also reports
 the ahead-of-time compile (``opt.save``) and the start-up (``vdopt.load`` + first call).
@@ -37,10 +39,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import dataclasses
 import datetime
 import json
 import logging
+import math
 import os
 import platform
 import resource
@@ -223,8 +227,19 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
+def _wait_for(path: Path, poll_s: float = 0.02) -> str:
+    while not path.exists():
+        time.sleep(poll_s)
+    return path.read_text()
+
+
 def worker(method: str, cfg: BenchConfig, out: Path, spawn_time: float, extra: dict[str, Any]) -> None:
-    """Run one method in this process; write ``out``.json (and the final latents, ``out``.pt)."""
+    """Set ``method`` up in this process, then run the parent's commands from ``out``/cmd<n>.
+
+    Commands: ``warmup`` (the first generation), ``run`` (one timed generation), ``stop``
+    (write ``result.json`` and the final latents ``final.pt``). Rank 0 answers each with
+    ``done<n>``. Every rank of a mesh reads the same commands, so they stay in step.
+    """
     import torch
     import torch.distributed as dist
 
@@ -232,10 +247,11 @@ def worker(method: str, cfg: BenchConfig, out: Path, spawn_time: float, extra: d
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.device.startswith("cuda") and "LOCAL_RANK" in os.environ:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # one GPU per rank of a mesh
     clock = {"t": 0}
     reset: Callable[[], None] = lambda: None  # noqa: E731
     result: dict[str, Any] = {"method": method}
-    model, latents, prompt, negative = None, None, None, None
     setup_start = time.perf_counter()
     if method == "vdopt_artifact":
         fn = vdopt.load(extra["artifact"])
@@ -260,7 +276,6 @@ def worker(method: str, cfg: BenchConfig, out: Path, spawn_time: float, extra: d
             raise ValueError(f"unknown method {method!r}")
     result["setup_s"] = time.perf_counter() - setup_start
     rank = dist.get_rank() if dist.is_initialized() else 0
-
     first: dict[str, float] = {}
 
     def on_first() -> None:
@@ -269,40 +284,46 @@ def worker(method: str, cfg: BenchConfig, out: Path, spawn_time: float, extra: d
             first["t"] = time.time() - spawn_time
             first["call"] = time.perf_counter()
 
-    if cfg.device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    rss_before = _rss_bytes()
-    call_start = time.perf_counter()
-    reset()
-    warm_s, _ = generate(fn, cfg, latents, prompt, negative, clock, on_first)
-    result["time_to_first_output_s"] = first["t"]
-    result["first_call_s"] = first["call"] - call_start
-    times = []
+    times: list[float] = []
     final = None
-    for _ in range(cfg.repeats):
-        if dist.is_initialized():
-            dist.barrier()
-        reset()
-        seconds, final = generate(fn, cfg, latents, prompt, negative, clock, lambda: None)
-        times.append(seconds)
-    result.update(first_generation_s=warm_s, seconds_all=times, seconds=min(times))
+    for n in itertools.count():
+        command = _wait_for(out / f"cmd{n}")
+        answer: dict[str, Any] = {}
+        if command == "warmup":
+            if cfg.device.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats()
+            result["rss_before_first_call_bytes"] = _rss_bytes()
+            call_start = time.perf_counter()
+            reset()
+            answer["seconds"], _ = generate(fn, cfg, latents, prompt, negative, clock, on_first)
+            result.update(first_generation_s=answer["seconds"], time_to_first_output_s=first["t"],
+                          first_call_s=first["call"] - call_start)
+        elif command == "run":
+            if dist.is_initialized():
+                dist.barrier()
+            reset()
+            answer["seconds"], final = generate(fn, cfg, latents, prompt, negative, clock, lambda: None)
+            times.append(answer["seconds"])
+        elif command == "stop":
+            break
+        if rank == 0:
+            (out / f"done{n}").write_text(json.dumps(answer))
+    result.update(seconds_all=times, seconds=min(times))
     if cfg.device.startswith("cuda"):
         result["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
         result["memory_kind"] = "CUDA max_memory_allocated"
     else:
         result["peak_memory_bytes"] = _peak_rss_bytes()
-        result["rss_before_first_call_bytes"] = rss_before
         result["memory_kind"] = "peak resident set of the worker process"
-    if hasattr(fn, "report") and method != "vdopt_artifact":
-        plan = fn.plans[0] if getattr(fn, "plans", None) else None
-        if plan is not None:
-            result["summary"] = {k: str(v) for k, v in plan.program.summary().items()}
-            result["capture_s"] = plan.capture_s
-    elif method == "vdopt_artifact":
-        result["summary"] = {k: str(v) for k, v in fn.plans[0].program.summary().items()}
+    plans = getattr(fn, "plans", None)
+    if plans:
+        result["summary"] = {k: str(v) for k, v in plans[0].program.summary().items()}
+        if hasattr(plans[0], "capture_s"):
+            result["capture_s"] = plans[0].capture_s
     if rank == 0:
-        torch.save(final.cpu(), out.with_suffix(".pt"))
-        out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
+        torch.save(final.cpu(), out / "final.pt")
+        (out / "result.json").write_text(json.dumps(result, indent=1, default=str))
+        (out / f"done{n}").write_text("{}")
 
 
 def save_worker(method: str, cfg: BenchConfig, out: Path, artifact: str) -> None:
@@ -335,7 +356,54 @@ def save_worker(method: str, cfg: BenchConfig, out: Path, artifact: str) -> None
 
 # -- the parent: run every method, write the results -----------------------------------------
 
-def _launch(argv: list[str], ranks: int, threads: int, timeout: float) -> tuple[bool, str]:
+class Worker:
+    """A method's worker process (or torchrun group of processes), driven by command files."""
+
+    def __init__(self, method: str, cfg: BenchConfig, scratch: Path, *, ranks: int = 1,
+                 extra: dict | None = None, timeout: float = 3600) -> None:
+        self.method = method
+        self.dir = scratch / method
+        self.dir.mkdir(parents=True)
+        self.timeout = timeout
+        self.commands = 0
+        per_rank = cfg if ranks == 1 or not cfg.threads else dataclasses.replace(cfg, threads=max(1, cfg.threads // ranks))
+        argv = ["--worker", method, "--worker-config", json.dumps(dataclasses.asdict(per_rank)),
+                "--worker-out", str(self.dir), "--worker-extra", json.dumps(extra or {}),
+                "--spawn-time", repr(time.time())]
+        self.proc = _launch(argv, ranks, per_rank.threads, self.dir / "log.txt")
+
+    def command(self, command: str) -> dict[str, Any]:
+        """Send ``command``; its answer once rank 0 has written it."""
+        n = self.commands
+        self.commands += 1
+        (self.dir / f"cmd{n}").write_text(command)
+        deadline = time.monotonic() + self.timeout
+        done = self.dir / f"done{n}"
+        while not done.exists():
+            if self.proc.poll() is not None and not done.exists():
+                raise RuntimeError(f"{self.method} exited: {self.log_tail()}")
+            if time.monotonic() > deadline:
+                self.proc.kill()
+                raise RuntimeError(f"{self.method}: no answer to {command!r} in {self.timeout:.0f} s")
+            time.sleep(0.02)
+        return json.loads(done.read_text())
+
+    def stop(self) -> dict[str, Any]:
+        self.command("stop")
+        self.proc.wait(timeout=120)
+        return json.loads((self.dir / "result.json").read_text())
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+
+    def log_tail(self) -> str:
+        path = self.dir / "log.txt"
+        lines = path.read_text(errors="replace").strip().splitlines() if path.exists() else []
+        return "\n".join(lines[-12:]) or "no output"
+
+
+def _launch(argv: list[str], ranks: int, threads: int, log_path: Path) -> subprocess.Popen:
     script = str(Path(__file__).resolve())
     if ranks > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", script, *argv]
@@ -344,26 +412,19 @@ def _launch(argv: list[str], ranks: int, threads: int, timeout: float) -> tuple[
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
-    return proc.returncode == 0, "\n".join(tail)
+    with open(log_path, "w") as log_file:
+        return subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT)
 
 
-def run_method(method: str, cfg: BenchConfig, scratch: Path, *, ranks: int = 1, extra: dict | None = None,
-               timeout: float = 3600) -> dict[str, Any]:
-    """Run ``method`` in a fresh worker; its result, or ``{"skipped": reason}``."""
-    out = scratch / method
-    per_rank = cfg if ranks == 1 or not cfg.threads else dataclasses.replace(cfg, threads=max(1, cfg.threads // ranks))
-    argv = ["--worker", method, "--worker-config", json.dumps(dataclasses.asdict(per_rank)),
-            "--worker-out", str(out), "--worker-extra", json.dumps(extra or {}), "--spawn-time", repr(time.time())]
-    log.info("running %s%s", method, f" on {ranks} ranks" if ranks > 1 else "")
-    ok, tail = _launch(argv, ranks, per_rank.threads, timeout)
-    if not ok or not out.with_suffix(".json").exists():
-        log.warning("%s failed:\n%s", method, tail)
-        return {"method": method, "skipped": f"failed: {tail.splitlines()[-1] if tail else 'no output'}"}
-    result = json.loads(out.with_suffix(".json").read_text())
-    log.info("%-22s %8.2f s per generation", method, result["seconds"])
-    return result
+def _run_one_shot(argv: list[str], threads: int, log_path: Path, timeout: float) -> tuple[bool, str]:
+    proc = _launch(argv, 1, threads, log_path)
+    try:
+        ok = proc.wait(timeout=timeout) == 0
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        ok = False
+    lines = log_path.read_text(errors="replace").strip().splitlines()
+    return ok, "\n".join(lines[-12:])
 
 
 def device_name(device: str) -> str:
@@ -425,6 +486,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="parallel meshes, ';'-separated (e.g. 'ulysses=2;ring=2'); default ulysses=2 when 2 ranks fit, 'none' for none")
     p.add_argument("--artifact", default=None,
                    help="method to save and load as AOT artifacts (default: vdopt on the CPU, vdopt_pab_triton on CUDA; 'none' to skip)")
+    p.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
+                   help="time the methods round by round with every worker up (default: on the CPU only)")
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per worker")
     # internal: a worker process runs one method
@@ -464,6 +527,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    log.setLevel(logging.INFO)  # also under the CLI, whose root logger shows warnings only
     cfg = config_from(args)
     cuda = cfg.device.startswith("cuda")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -477,51 +541,111 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         meshes = [] if args.meshes == "none" else parse_meshes(args.meshes)
     artifact_of = args.artifact or ("vdopt_pab_triton" if cuda else "vdopt")
 
+    # (name, ranks, extra) of every method to run; skipped ones get their reason now.
     results: dict[str, dict[str, Any]] = {}
+    plan: list[tuple[str, int, dict[str, Any]]] = []
+    for method in methods:
+        if method == "vdopt_pab_triton" and not cuda:
+            results[method] = {"method": method, "skipped": "skipped: no GPU"}
+        else:
+            plan.append((method, 1, {}))
+    for degrees in meshes:
+        name = "vdopt_mesh_" + "_".join(f"{a}{d}" for a, d in degrees.items())
+        ranks = math.prod(degrees.values())
+        if ranks > ranks_available:
+            results[name] = {"method": name, "skipped": f"skipped: needs {ranks} ranks, {ranks_available} available"}
+        else:
+            plan.append((name, ranks, {"mesh": degrees}))
+    interleave = not cuda if args.interleave is None else args.interleave
+
     with tempfile.TemporaryDirectory(prefix="vdopt-bench-") as tmp:
         scratch = Path(tmp)
-        for method in methods:
-            if method == "vdopt_pab_triton" and not cuda:
-                results[method] = {"method": method, "skipped": "skipped: no GPU"}
-                continue
-            results[method] = run_method(method, cfg, scratch, timeout=args.timeout)
-        for degrees in meshes:
-            import math
-
-            name = "vdopt_mesh_" + "_".join(f"{a}{d}" for a, d in degrees.items())
-            ranks = math.prod(degrees.values())
-            if ranks > ranks_available:
-                results[name] = {"method": name, "skipped": f"skipped: needs {ranks} ranks, {ranks_available} available"}
-                continue
-            results[name] = run_method(name, cfg, scratch, ranks=ranks, extra={"mesh": degrees}, timeout=args.timeout)
-            results[name]["ranks"] = ranks
+        saved: dict[str, Any] = {}
         if artifact_of != "none":
-            results["vdopt_artifact"] = _artifact(artifact_of, cfg, scratch, args.timeout)
-        latents = {m: torch.load(scratch / f"{m}.pt") for m in results if (scratch / f"{m}.pt").exists()}
-    report = _result(cfg, results, latents)
+            saved = _save_artifact(artifact_of, cfg, scratch, args.timeout)
+            if "skipped" in saved:
+                results["vdopt_artifact"] = {"method": "vdopt_artifact", **saved}
+            else:
+                plan.append(("vdopt_artifact", 1, {"artifact": saved["path"]}))
+        results.update(_run_all(plan, cfg, scratch, args.timeout, interleave))
+        if "vdopt_artifact" in results and "skipped" not in results["vdopt_artifact"]:
+            results["vdopt_artifact"].update(saved)
+        latents = {m: torch.load(scratch / m / "final.pt") for m in results if (scratch / m / "final.pt").exists()}
+    results = {name: results[name] for name in [*methods, *(n for n in results if n not in methods)] if name in results}
+    report = _result(cfg, results, latents, interleave)
     write(report, args.out)
     return report
 
 
-def _artifact(method: str, cfg: BenchConfig, scratch: Path, timeout: float) -> dict[str, Any]:
+def _run_all(plan, cfg: BenchConfig, scratch: Path, timeout: float, interleave: bool) -> dict[str, dict[str, Any]]:
+    """Warm every method up one at a time, then time ``cfg.repeats`` generations each.
+
+    Interleaved (the CPU default), every worker stays up and the timed generations go round
+    by round (each method once per round), so load from other processes on a shared
+    machine hits every method alike; otherwise (CUDA) one method runs at a time.
+    """
+    results: dict[str, dict[str, Any]] = {}
+    live: dict[str, Worker] = {}
+
+    def fail(name: str, error: Exception) -> None:
+        log.warning("%s failed: %s", name, error)
+        results[name] = {"method": name, "skipped": f"failed: {str(error).strip().splitlines()[-1]}"}
+        live.pop(name).kill()
+
+    def finish(name: str) -> None:
+        w = live.pop(name)
+        try:
+            results[name] = w.stop()
+            log.info("%-22s %8.2f s per generation (best of %d)", name, results[name]["seconds"], cfg.repeats)
+        except Exception as e:  # noqa: BLE001  a failed method is a row, not the end of the run
+            w.kill()
+            results[name] = {"method": name, "skipped": f"failed: {str(e).strip().splitlines()[-1]}"}
+
+    try:
+        for name, ranks, extra in plan:
+            log.info("warming up %s%s", name, f" on {ranks} ranks" if ranks > 1 else "")
+            try:
+                live[name] = Worker(name, cfg, scratch, ranks=ranks, extra=extra, timeout=timeout)
+                warm = live[name].command("warmup")
+                log.info("%-22s warm-up generation %.1f s", name, warm["seconds"])
+                if not interleave:
+                    for _ in range(cfg.repeats):
+                        live[name].command("run")
+                    finish(name)
+            except Exception as e:  # noqa: BLE001
+                fail(name, e)
+        for round_ in range(cfg.repeats if interleave else 0):
+            for name in list(live):
+                try:
+                    t = live[name].command("run")["seconds"]
+                    log.info("round %d %-22s %8.2f s", round_, name, t)
+                except Exception as e:  # noqa: BLE001
+                    fail(name, e)
+        for name in list(live):
+            finish(name)
+    finally:
+        for w in live.values():
+            w.kill()
+    return results
+
+
+def _save_artifact(method: str, cfg: BenchConfig, scratch: Path, timeout: float) -> dict[str, Any]:
+    """Compile ``method`` ahead of time (a one-shot worker); what ``save_worker`` reports."""
     if method.endswith("triton") and not cfg.device.startswith("cuda"):
-        return {"method": "vdopt_artifact", "skipped": "skipped: no GPU"}
+        return {"skipped": "skipped: no GPU"}
     path = scratch / "artifact"
-    out = scratch / "save_artifact"
+    out = scratch / "save_artifact.json"
     argv = ["--worker", "save_artifact", "--worker-config", json.dumps(dataclasses.asdict(cfg)),
             "--worker-out", str(out), "--worker-extra", json.dumps({"method": method, "artifact": str(path)})]
-    log.info("compiling %s ahead of time", method)
-    ok, tail = _launch(argv, 1, cfg.threads, timeout)
+    log.info("compiling %s ahead of time (opt.save)", method)
+    ok, tail = _run_one_shot(argv, cfg.threads, scratch / "save_artifact.log", timeout)
     if not ok:
         log.warning("saving the artifact failed:\n%s", tail)
-        return {"method": "vdopt_artifact", "skipped": f"failed: {tail.splitlines()[-1] if tail else 'no output'}"}
-    saved = json.loads(out.with_suffix(".json").read_text())
-    result = run_method("vdopt_artifact", cfg, scratch, extra={"artifact": str(path)}, timeout=timeout)
-    result.update(saved)
-    return result
+        return {"skipped": f"failed: {tail.splitlines()[-1] if tail else 'no output'}"}
+    return {**json.loads(out.read_text()), "path": str(path)}
 
 
-def _result(cfg: BenchConfig, results: dict[str, dict[str, Any]], latents: dict) -> dict[str, Any]:
+def _result(cfg: BenchConfig, results: dict[str, dict[str, Any]], latents: dict, interleave: bool) -> dict[str, Any]:
     import torch
 
     from vdopt.models.diffusers_models import wan_latent_size
@@ -550,6 +674,8 @@ def _result(cfg: BenchConfig, results: dict[str, dict[str, Any]], latents: dict)
                     + (f"CFG {cfg.guidance} as separate cond/uncond calls" if cfg.guidance > 1 else "no CFG"),
         "pab": PAB_ANCHORS,
         "threads": cfg.threads or os.cpu_count(),
+        "timing": "interleaved rounds (every method once per round), best of " + str(cfg.repeats)
+                  if interleave else f"one method at a time, best of {cfg.repeats}",
         "methods": results,
     }
 
@@ -586,7 +712,7 @@ def markdown(report: dict[str, Any]) -> str:
     art = report["methods"].get("vdopt_artifact", {})
     notes = [
         "",
-        "- s / generation: best of the timed generations after a warm-up generation; a step is "
+        f"- s / generation: {report['timing']}, after a warm-up generation; a step is "
         + ("one cond and one uncond call." if cfg["guidance"] > 1 else "one call."),
         "- warm-up: first generation minus the best one (capture, compilation, first-call costs). "
         "first output: seconds from the worker's process start to the first model output "

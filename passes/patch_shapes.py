@@ -578,15 +578,28 @@ def infer_patch_dims(
     required: dict[str, PatchDim] = {}
     stale: dict[str, tuple[PatchDim, PatchDim]] = {}
     lost: list[str] = []
+    # Values that differ from patch to patch (hold the patch, or were computed from one); a
+    # tuple for stage markers, per carried value. The rest are the same whole-latent values
+    # in every patch, so a body op may slice them even when the body computes them.
+    variant: dict[str, Any] = {name: True for name in sources}
 
     def dims_of(x: Any) -> Dims:
         if not isinstance(x, torch.fx.Node):
             return None
         return required.get(x.name) or dims.get(x.name)
 
+    def is_variant(x: torch.fx.Node) -> bool:
+        return any(pytree.tree_leaves(variant.get(x.name, False))) or isinstance(dims_of(x), PatchDim)
+
     for n in graph.nodes:
         if n.name in dims:
             continue
+        if n.op == "call_function" and n.target is torch.ops.vdopt.stage_boundary.default:
+            variant[n.name] = tuple(is_variant(v) for v in n.args[0])
+        elif n.op == "call_function" and n.target is operator.getitem and isinstance(variant.get(n.args[0].name), tuple):
+            variant[n.name] = variant[n.args[0].name][n.args[1]]
+        else:
+            variant[n.name] = any(is_variant(a) for a in n.all_input_nodes)
         if n.op != "call_function" or n.target in _IGNORED:
             dims[n.name] = None
             continue
@@ -609,10 +622,10 @@ def infer_patch_dims(
             continue
         if strict:
             for x, pd in reqs:
-                if x.name in body:
+                if is_variant(x):
                     raise PatchError(
                         f"{n.name} ({n.target}) combines the patch with {x.name}, which covers the whole latent "
-                        "but is computed per patch"
+                        "but changes from patch to patch"
                     )
                 prev = dims_of(x)
                 if prev is not None and prev != pd:
@@ -773,6 +786,12 @@ class PatchGraph:
     """Where each output holds the patched axis."""
 
 
+def _arrives_patched(name: str, pdims: PatchDims, patched_inputs: set[str]) -> bool:
+    """Whether input ``name`` comes cut to the patch (an activation the previous stage sends
+    patch by patch) rather than whole."""
+    return name in patched_inputs and isinstance(pdims.dims.get(name), PatchDim)
+
+
 def rewrite_for_patch(
     gm: torch.fx.GraphModule,
     pdims: PatchDims,
@@ -808,9 +827,8 @@ def rewrite_for_patch(
         p = graph.placeholder(n.name)
         p.meta = {k: v for k, v in n.meta.items() if k != "val"}
         val = n.meta.get("val")
-        if isinstance(val, torch.Tensor) and n.name in patched_inputs:
-            pd = pdims.of(n.name)
-            p.meta["val"] = _new_fake(val, resized(val.shape, pd, extent, length), fake_mode) if pd is not None else val
+        if isinstance(val, torch.Tensor) and _arrives_patched(n.name, pdims, patched_inputs):
+            p.meta["val"] = _new_fake(val, resized(val.shape, pdims.dims[n.name], extent, length), fake_mode)
         else:
             p.meta["val"] = val
         input_shapes.append(tuple(p.meta["val"].shape) if isinstance(p.meta["val"], torch.Tensor) else None)
@@ -825,7 +843,7 @@ def rewrite_for_patch(
                 caches[(s.name, tag)] = c
     # whole-latent inputs read patch-wise are sliced once, right after the placeholders
     for n in old_nodes:
-        if n.op == "placeholder" and n.name not in patched_inputs:
+        if n.op == "placeholder" and not _arrives_patched(n.name, pdims, patched_inputs):
             pd = pdims.of(n.name)
             if isinstance(pd, PatchDim):
                 env[n] = slice_patch_nodes(graph, env[n], pd, extent, start, length, fake_mode=fake_mode)
@@ -874,6 +892,8 @@ def rewrite_for_patch(
             raise PatchError(
                 f"{n.name} ({n.target}) has shape {_actual(new.meta['val'])} for the patch, expected {expected}"
             )
+        if n.name in pdims.required:  # a whole-latent value computed here, read patch-wise
+            new = slice_patch_nodes(graph, new, pdims.required[n.name], extent, start, length, fake_mode=fake_mode)
         env[n] = new
     graph.eliminate_dead_code()
     out_node = next(iter(reversed(gm.graph.nodes)))

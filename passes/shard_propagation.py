@@ -467,7 +467,7 @@ class ShardPropagator:
             off += y_sizes[j]
             pieces.append(em.reshape(piece, [-1]))
             in_splits.append(math.prod(exp) // exp[ay] * y_sizes[j])
-        flat = em.contiguous(em.cat(pieces, 0))
+        flat = em.cat(pieces, 0)  # contiguous: a fresh tensor
         recv_shapes, out_splits = [], []
         for j in range(group.size):
             s = list(exp)

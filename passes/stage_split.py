@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import operator
 import re
 import time
 from typing import ClassVar, Iterable, Literal, Sequence
@@ -100,8 +101,7 @@ def node_flops(node: torch.fx.Node) -> int:
     if target in (aten.convolution.default, aten.conv2d.default, aten.conv3d.default):
         weight = shape(1)
         return 2 * numel * math.prod(weight[1:])
-    name = getattr(target, "__name__", str(target))
-    if "scaled_dot_product_attention" in str(target) or name.startswith("vdopt.attention") or "vdopt.attention" in str(target):
+    if str(target) in ("aten.scaled_dot_product_attention.default", "vdopt.attention.default"):
         q, k = shape(0), shape(1)
         if q and k:
             # QK^T and PV: 2 * 2 * (batch x heads) * Sq * Skv * D
@@ -329,7 +329,7 @@ class StageSplit:
         outputs = []
         with graph.inserting_after(marker):
             for i, value in enumerate(crossing):
-                out = graph.call_function(__import__("operator").getitem, (marker, i))
+                out = graph.call_function(operator.getitem, (marker, i))
                 out.meta["val"] = marker.meta["val"][i]
                 out.meta[meta.CREATED_BY] = self.name
                 outputs.append(out)
@@ -441,7 +441,9 @@ def extract_graph(
     """``nodes`` as a standalone ``GraphModule(*inputs) -> tuple(outputs)``.
 
     Placeholders keep the input nodes' names and metadata; parameters read by ``nodes`` are
-    carried over as ``get_attr`` (sharing storage with ``gm``), nothing else is.
+    carried over as ``get_attr`` (sharing storage with ``gm``), nothing else is. Export's
+    dtype assertions are left out: as side effects they would keep their inputs (and those
+    inputs' parameters) alive on ranks that need nothing else of them.
     """
     graph = torch.fx.Graph()
     env: dict[torch.fx.Node, torch.fx.Node] = {}
@@ -449,7 +451,7 @@ def extract_graph(
         p = graph.placeholder(value.name)
         p.meta = dict(value.meta)
         env[value] = p
-    wanted = list(nodes)
+    wanted = [n for n in nodes if n.target is not aten._assert_tensor_metadata.default]
     for n in wanted:
         for a in n.all_input_nodes:
             if a not in env and a.op == "get_attr":
@@ -462,8 +464,7 @@ def extract_graph(
             env[value] = graph.node_copy(value)
     graph.output(tuple(env[v] for v in outputs))
     graph.eliminate_dead_code()
-    sub = torch.fx.GraphModule(gm, graph)
-    return sub
+    return torch.fx.GraphModule(gm, graph)
 
 
 def parameter_bytes(gm: torch.nn.Module) -> int:
@@ -472,7 +473,7 @@ def parameter_bytes(gm: torch.nn.Module) -> int:
     for t in list(gm.parameters()) + list(gm.buffers()):
         seen[t.data_ptr()] = t.numel() * t.element_size()
     # get_attr tensors that are neither parameters nor buffers (constants)
-    for name, value in vars(gm).items():
+    for value in vars(gm).values():
         if isinstance(value, torch.Tensor):
             seen.setdefault(value.data_ptr(), value.numel() * value.element_size())
     return sum(seen.values())

@@ -111,3 +111,16 @@ def test_kinds_come_from_structure_not_names():
     assert [(s.kind, s.q_len, s.kv_len) for s in sites] == [("spatial", 6, 6), ("temporal", 5, 5), ("cross", 30, 7)]
     out = vdopt.optimize(model)(x, ctx)
     torch.testing.assert_close(out, model(x, ctx), rtol=1e-6, atol=1e-6)
+
+
+def test_block_tags_name_the_transformer_block_not_a_nested_list_entry():
+    from vdopt import meta
+    from vdopt.capture import bind_call, capture
+    from vdopt.passes.analysis.attention import analyze
+
+    model, args, kwargs = build("latte", "tiny")
+    gm = capture(model, bind_call(model, args, kwargs))
+    analyze(gm)
+    tags = {n.meta.get(meta.BLOCK) for n in gm.graph.nodes if "to_out" in str(n.meta.get("nn_module_stack", ""))}
+    L = layers(model)
+    assert tags == {f"transformer_blocks.{i}" for i in range(L)} | {f"temporal_transformer_blocks.{i}" for i in range(L)}

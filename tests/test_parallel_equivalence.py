@@ -39,6 +39,7 @@ CASES_2 = (
         ("cogvideox-ulysses-3-heads", ("heads3", "cogvideox", {}), {"ulysses": 2}),
         ("opensora-ulysses-text-mask", ("zoo", "opensora", {"text_mask": True}), {"ulysses": 2}),
         ("opensora_plan-ring-text-mask", ("zoo", "opensora_plan", {"text_mask": True}), {"ring": 2}),
+        ("opensora_plan-cfg-text-mask", ("zoo", "opensora_plan", {"text_mask": True}), {"cfg": 2}),
         ("hunyuan-ulysses-masked-joint-text", ("hunyuan", None, {}), {"ulysses": 2}),
         ("hunyuan-ring-masked-joint-text", ("hunyuan", None, {}), {"ring": 2}),
         ("ring-op-uneven-blocks-fixed-keys-mask", ("ring_op", None, {}), {"ring": 2}),

@@ -20,6 +20,24 @@ from multirank import _free_port
 MESH_TIMEOUT_S = 3.0
 
 
+class TinyVideoDiT(torch.nn.Module):
+    """Patch embedding, one self-attention, a projection: enough for Ulysses (no diffusers import)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Conv3d(4, 32, kernel_size=(1, 2, 2), stride=(1, 2, 2))
+        self.qkv = torch.nn.Linear(32, 96)
+        self.out = torch.nn.Linear(32, 32)
+        self.proj = torch.nn.Linear(32, 16)
+
+    def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        x = self.embed(hidden_states).flatten(2).transpose(1, 2)  # (B, T*H*W, C)
+        B, L, C = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, 2, C // 2).permute(2, 0, 3, 1, 4)
+        attn = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, L, C)
+        return self.proj(x + self.out(attn) * timestep[:, None, None])
+
+
 def _rank(rank: int, port: int, mode: str, queue) -> None:
     import torch.distributed as dist
 
@@ -27,10 +45,12 @@ def _rank(rank: int, port: int, mode: str, queue) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
     import vdopt
-    from vdopt.models import build
 
-    model, args, kwargs = build("wan", "tiny")
+    torch.manual_seed(0)
+    model = TinyVideoDiT().eval()
+    args, kwargs = (torch.randn(1, 4, 3, 8, 8),), {"timestep": torch.tensor([0.5])}
     opt = vdopt.optimize(model, vdopt.Mesh(ulysses=2, timeout_s=MESH_TIMEOUT_S), example_inputs=(args, kwargs))
+    assert any(r.stats.get("all_to_all") == 4 for r in opt.plans[0].passes), "Ulysses did not rewrite the model"
     if rank == 1:
         if mode == "dies":
             os._exit(3)

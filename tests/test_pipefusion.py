@@ -108,6 +108,17 @@ def test_stage_split_marks_block_boundaries_and_stays_exact():
     assert len(exported) == 3
 
 
+def test_stage_split_balances_by_measured_time():
+    model, inputs = fresh_inputs("opensora", 0)
+    gm, ctx = captured(model, inputs)
+    gm, records = run_passes(gm, ctx, [StageSplit(stages=2, balance="measured")])
+    stats = records[0].stats
+    assert stats["blocks"] == 4 and "ranges(time)" in stats
+    assert sum(is_stage_boundary(n) for n in gm.graph.nodes) == 1
+    with torch.no_grad():
+        torch.testing.assert_close(first_output(gm(**inputs)), first_output(model(**inputs)), rtol=0, atol=0)
+
+
 def test_stage_split_refuses_more_stages_than_blocks():
     model, inputs = fresh_inputs("wan", 0)
     gm, ctx = captured(model, inputs)
@@ -204,10 +215,10 @@ def test_too_many_patches_is_a_clear_error():
 _BLOCK = re.compile(r"^(.*?\.\d+)\.")
 
 
-def _check_model(world: int, name: str, patches: int, seed: int) -> dict:
-    model, inputs = fresh_inputs(name, seed)
-    mesh = vdopt.Mesh(pipefusion=world)
-    result: dict = {}
+def _check_model(name: str, degrees: dict, patches: int, build_kwargs: dict, seed: int) -> dict:
+    model, inputs = fresh_inputs(name, seed, **build_kwargs)
+    mesh = vdopt.Mesh(**degrees)
+    result: dict = {"stage": mesh.coordinates(torch.distributed.get_rank())["pipefusion"]}
 
     # warmup covers every step: each step equals eager
     opt = vdopt.optimize(model, mesh, pipefusion=PipeFusionConfig(patches=patches, warmup_steps=3))
@@ -235,6 +246,7 @@ def _check_model(world: int, name: str, patches: int, seed: int) -> dict:
         held |= {n for n, _ in gm.named_parameters()} | {n for n, _ in gm.named_buffers()}
     result["held_blocks"] = sorted({m.group(1) for n in held if (m := _BLOCK.match(n))})
     result["stage_blocks"] = program.figures["stage_blocks"]
+    result["axis"] = program.figures["axis"]
     result["param_bytes"], result["total_bytes"] = program.param_bytes(), program.total_param_bytes
     result["report"] = opt.report()
 
@@ -257,20 +269,32 @@ def _check_model(world: int, name: str, patches: int, seed: int) -> dict:
     return result
 
 
-def _pipefusion_worker(rank: int, world: int, models: list[tuple[str, int]], seed: int) -> dict:
-    # one process per rank for several models: spawning and importing dominate the test time
-    return {name: _check_model(world, name, patches, seed) for name, patches in models}
+def _pipefusion_worker(rank: int, world: int, cases: list[tuple], seed: int) -> dict:
+    # one process per rank for several cases: spawning and importing dominate the test time
+    return {label: _check_model(*case, seed) for label, *case in cases}
 
 
 @pytest.mark.parametrize(
-    "world,models",
-    [(2, [("latte", 2), ("wan", 3), ("cogvideox", 2)]), (4, [("latte", 4)])],
-    ids=["pf2-latte-wan-cogvideox", "pf4-latte"],
+    "world,cases",
+    [
+        (2, [("latte pf2", "latte", {"pipefusion": 2}, 2, {}),
+             ("wan pf2", "wan", {"pipefusion": 2}, 3, {}),
+             ("cogvideox pf2", "cogvideox", {"pipefusion": 2}, 2, {})]),
+        (4, [("latte pf4", "latte", {"pipefusion": 4}, 4, {}),
+             # 13 frames: T = 4 latent frames, so Ulysses' contiguous token chunks hold whole frames
+             ("wan pf2 x ulysses2", "wan", {"pipefusion": 2, "ulysses": 2}, 2, {"frames": 13}),
+             # Ulysses splits Latte's H*W rows, so the patches go along T
+             ("latte pf2 x ulysses2", "latte", {"pipefusion": 2, "ulysses": 2}, 2, {}),
+             ("latte cfg2 x pf2", "latte", {"cfg": 2, "pipefusion": 2}, 2, {"batch": 2})]),
+    ],
+    ids=["pf2", "pf4-and-combined"],
 )
-def test_pipefusion_on_gloo_ranks(world, models):
-    per_rank = run_on_ranks(world, _pipefusion_worker, models, int.from_bytes(os.urandom(4), "little"))
-    for name, _ in models:
-        _check_results(name, [r[name] for r in per_rank])
+def test_pipefusion_on_gloo_ranks(world, cases):
+    per_rank = run_on_ranks(world, _pipefusion_worker, cases, int.from_bytes(os.urandom(4), "little"))
+    for label, *_ in cases:
+        _check_results(label, [r[label] for r in per_rank])
+    if world == 4:
+        assert per_rank[0]["latte pf2 x ulysses2"]["axis"] == "T"
 
 
 def _check_results(name: str, results: list[dict]) -> None:
@@ -280,7 +304,7 @@ def _check_results(name: str, results: list[dict]) -> None:
         assert max(r["exact_errs"]) <= 1e-5, (where, r["exact_errs"])
         assert r["same_input_pipelined_err"] <= 1e-5, (where, r["same_input_pipelined_err"])
         # each stage holds only its own blocks' parameters
-        assert r["held_blocks"] == sorted(r["stage_blocks"][rank]), (where, r["held_blocks"])
+        assert r["held_blocks"] == sorted(r["stage_blocks"][r["stage"]]), (where, r["held_blocks"])
         assert r["param_bytes"] < r["total_bytes"], where
         # stale K/V: bounded, and the pipelined path really ran
         assert r["loop_counts"] == {"exact": 1, "pipelined": 9}, where

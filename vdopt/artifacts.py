@@ -19,6 +19,19 @@ vdopt versions and the device. ``load`` checks all of it before running anything
 what differs and what to do. ``save`` writes into a hidden temporary directory next to the
 target and renames it into place once complete, so an interrupted save leaves nothing at
 ``path`` that loads.
+
+Loading on GPUs (researched from upstream reports; NOT verified on a GPU): a package of even
+a trivial model failed to load on the H100 machine (torch 2.11). The matching upstream
+report is pytorch/pytorch#173706 (regression since 2.10, open when last seen): in a fresh
+process ``aoti_load_package`` reads the device information through
+``torch._inductor.codecache`` without importing it and fails; it works in the process that
+compiled the package, which has imported it. torch 2.13 imports it explicitly. Workaround
+here: ``import torch._inductor.codecache`` before loading. Two neighbouring traps are
+avoided too: ``load_package`` treats any ``RuntimeError`` of the new loader as an "outdated
+package" and falls back to a legacy loader that fails obscurely on CUDA packages when CUDA
+is unusable (pytorch/pytorch#145730, fixed after 2.11), so ``load`` checks CUDA and the
+compute capability itself first; and without ``device_index`` every rank would load onto
+``cuda:0`` (pytorch/pytorch#152087), so each rank passes its own device.
 """
 
 from __future__ import annotations

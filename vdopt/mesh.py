@@ -165,7 +165,11 @@ class Mesh:
         return self._groups[key]
 
     def device_mesh(self, device: torch.device):
-        """The ``DeviceMesh`` with one named dim per axis of degree > 1 (fixed order)."""
+        """A ``DeviceMesh`` with one named dim per axis of degree > 1 (fixed order), for user code.
+
+        It creates process groups of its own; vdopt's passes use ``axis_groups`` (which carry
+        the mesh timeout), so graphs never depend on this.
+        """
         from torch.distributed.device_mesh import init_device_mesh
 
         self.ensure_process_group(device)

@@ -40,12 +40,14 @@ import torch.fx
 import torch.fx._pytree as fx_pytree
 from torch.utils import _pytree as pytree
 
+from vdopt import meta
 from vdopt.config import PipeFusionConfig
 from vdopt.pab import StepTracker, read_timestep
 from vdopt.passes.analysis.attention import depends_on_latent
 from vdopt.passes.base import PassContext
 from vdopt.passes.patch_shapes import (
     PatchDim,
+    PatchError,
     PatchDims,
     PatchGraph,
     infer_patch_dims,
@@ -184,6 +186,13 @@ def build_stage_graphs(
     carried.append(sorted(epilogue_inputs, key=lambda a: a.name))
     axis, extent, pdims = locate_patch_axis(graph, layout, candidate_axes(layout, config.patches, config.axis), body, carried)
     sizes = patch_sizes(extent, config.patches)
+    for b in split.boundaries:  # what a stage sends patch-wise, the next must expect patch-wise
+        for sent_name, received_name in zip(b.sent, b.received):
+            if pdims.of(sent_name) != pdims.dims.get(received_name):
+                raise PatchError(
+                    f"PipeFusion: {sent_name} crosses into stage {b.stage} as {pdims.of(sent_name)} but is read "
+                    f"there as {pdims.dims.get(received_name)}"
+                )
 
     def role_nodes(pred) -> list[torch.fx.Node]:
         return [n for n in graph.nodes if n.op == "call_function" and not is_stage_boundary(n) and pred(n)]
@@ -241,6 +250,8 @@ def build_stage_graphs(
             p.meta = dict(a.meta)
             env[a] = p
         for n in post_nodes:
+            if n.target is aten._assert_tensor_metadata.default:
+                continue
             for a in n.all_input_nodes:
                 if a.op == "get_attr" and a not in env:
                     env[a] = post_graph.node_copy(a)
@@ -256,7 +267,7 @@ def build_stage_graphs(
     )
     figures = {
         "axis": axis, "extent": extent, "sizes": sizes,
-        "stale_sites": [nodes[s].meta.get("vdopt.site").name if nodes[s].meta.get("vdopt.site") else s for s in exact.cache_sites],
+        "stale_sites": [nodes[s].meta[meta.SITE].name if meta.SITE in nodes[s].meta else s for s in exact.cache_sites],
         "stage_blocks": split.blocks,
         "stage_param_bytes": _stage_param_bytes(gm, split),
         "sent_dims": [pdims.of(a.name) for a in sent],
@@ -266,7 +277,7 @@ def build_stage_graphs(
 
 def _stage_param_bytes(gm: torch.fx.GraphModule, split) -> list[int]:
     """Bytes of parameters each stage's blocks read (prologue and epilogue excluded)."""
-    totals = [dict() for _ in range(split.stages)]
+    totals: list[dict[int, int]] = [{} for _ in range(split.stages)]
     for n in gm.graph.nodes:
         if n.op != "get_attr":
             continue

@@ -65,6 +65,8 @@ def build_program(gm: torch.fx.GraphModule, ctx: PassContext, options: PipelineO
         from vdopt.config import PipeFusionConfig
         from vdopt.pipefusion import PipeFusionProgram  # cuts the marked graph into this rank's stage
 
+        if options.pab is not None:
+            log.warning("PAB is not combined with PipeFusion yet: running PipeFusion without PAB")
         return PipeFusionProgram.from_graph(gm, ctx, options.pipefusion or PipeFusionConfig())
     if options.pab is not None:
         from vdopt.pab import PABProgram  # specializes the final per-rank graph, after every pass

@@ -33,7 +33,9 @@ SDPA = aten.scaled_dot_product_attention.default
 # Nodes that project tokens into q/k/v: the walk back from an SDPA input stops here.
 _PROJECTIONS = {aten.linear.default, aten.addmm.default, aten.mm.default, aten.matmul.default}
 _CONVS = {aten.conv2d.default, aten.conv3d.default, aten.convolution.default}
-_BLOCK_RE = re.compile(r"^(.*\.\d+)(\.|$)")
+# The outermost ``name.<index>`` of a path: ``transformer_blocks.0`` in
+# ``transformer_blocks.0.attn1.to_out.0`` (the ``to_out.0`` index is not a block).
+_BLOCK_RE = re.compile(r"^(.*?\.\d+)(\.|$)")
 
 
 def find_attention_nodes(graph: torch.fx.Graph) -> list[torch.fx.Node]:
@@ -76,7 +78,7 @@ def module_path(node: torch.fx.Node) -> str | None:
 
 
 def block_of(node: torch.fx.Node) -> str | None:
-    """The innermost ``name.<index>`` module (a ModuleList entry) that contains the node."""
+    """The outermost ``name.<index>`` module (a ModuleList entry) that contains the node."""
     stack = node.meta.get("nn_module_stack")
     if not stack:
         return None

@@ -1,0 +1,409 @@
+"""Scaling projection for meshes larger than this machine, checked against gloo ranks.
+
+    python benchmarks/scaling.py           # Wan2.1-1.3B 81x480x832: projection for 2-8 GPUs
+                                           # + a 2-rank gloo check at the mid-size CPU config
+
+THIS IS A PROJECTION, not a measurement. Per call of the model on one rank of an N-rank mesh:
+
+    time(N) = compute per rank + sum over the graph's collectives of (latency + bytes / bandwidth)
+
+* per-rank compute: on CUDA, measured: rank 0's rewritten graph of each mesh runs on this
+  one GPU over a fake process group (its collectives move nothing, so the time is the
+  rank's compute alone, padding and layout changes included). Without a GPU it is
+  compute(1) / N with compute(1) = ANCHORS.md's measured diffusers eager call of
+  Wan2.1-1.3B on one H100 (633 ms, bf16).
+* ``bytes``: exact, read off the rewritten per-rank graph (``vdopt.collectives``: the bytes
+  each collective node sends from this rank per call), built for each mesh on a fake process
+  group with the model on the meta device (nothing is allocated or run).
+* the link model (stated below): bandwidth per GPU and latency per collective; ring
+  attention's point-to-point steps pay the latency once per hop. No overlap of
+  communication with compute is assumed (ring attention does overlap: its rows are
+  pessimistic).
+
+The check: on the CPU, the same formula for ulysses=2 at the mid-size config, with the
+per-rank compute measured on a fake group (one thread) and the link measured with gloo
+all-to-alls between two local processes, against the measured per-call time of a real
+2-rank gloo run.
+
+Results: ``benchmarks/results/scaling_wan1.3b.{json,md,png}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import e2e  # noqa: E402  (the mid-size config and the inputs of the end-to-end benchmark)
+
+log = logging.getLogger("vdopt.benchmarks.scaling")
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+LINKS: dict[str, dict[str, Any]] = {
+    "NVLink 4 (H100 SXM, NVSwitch)": {
+        "bandwidth_GBps": 350.0, "latency_us": 15.0,
+        "basis": "450 GB/s per GPU per direction nominal; ~350 GB/s is what NCCL all-to-all reaches on 8x H100",
+    },
+    "PCIe Gen5 x16": {
+        "bandwidth_GBps": 25.0, "latency_us": 25.0,
+        "basis": "64 GB/s nominal per direction; peer traffic through host bridges / switches: ~25 GB/s all-to-all",
+    },
+    "InfiniBand NDR (400 Gb/s per GPU)": {
+        "bandwidth_GBps": 40.0, "latency_us": 40.0,
+        "basis": "50 GB/s line rate per NIC, ~40 GB/s achieved; every byte assumed to cross the network",
+    },
+}
+"""The stated link models (bandwidth per GPU per direction, latency per collective)."""
+
+ANCHOR_STEP_S = 0.633
+"""ANCHORS.md: diffusers eager Wan2.1-1.3B, 81x480x832, bf16, one H100, seconds per call."""
+
+MESHES = ({"ulysses": 2}, {"ring": 2}, {"ulysses": 4}, {"ring": 4}, {"ulysses": 2, "ring": 2},
+          {"ulysses": 8}, {"ring": 8}, {"ulysses": 4, "ring": 2})
+
+
+def mesh_name(degrees: dict[str, int]) -> str:
+    return "+".join(f"{a}{d}" for a, d in degrees.items())
+
+
+# -- bytes from the graph --------------------------------------------------------------------
+
+def _per_rank_child(queue, meshes, model_spec: dict[str, Any], calls: int) -> None:
+    """For each mesh, rank 0's graph on a fake process group: its collectives, and with
+    ``calls`` > 0 the median seconds of one call run on this one device (collectives of a
+    fake group move nothing, so that is the rank's compute alone)."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    import vdopt
+    from vdopt.collectives import communication
+
+    torch.set_num_threads(1)
+    out = {}
+    try:
+        for degrees in meshes:
+            world = 1
+            for d in degrees.values():
+                world *= d
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+            model, kwargs = _model_and_call(model_spec, meta=calls == 0)
+            opt = vdopt.optimize(model, vdopt.Mesh(**degrees), example_inputs=((), kwargs), compile=model_spec.get("compile"))
+            gm = opt.plans[0].program.gm
+            comms = communication(getattr(gm, "gm", gm))
+            entry: dict[str, Any] = {"comms": [{"kind": c.kind, "bytes": c.bytes, "axis": c.axis} for c in comms]}
+            if calls:
+                entry["compute_s"] = _timed(opt, kwargs, calls, sync=model_spec["device"] == "cuda")
+            out[mesh_name(degrees)] = entry
+            del opt, model
+        queue.put(("ok", out))
+    except BaseException as e:  # report to the parent
+        queue.put(("error", f"{type(e).__name__}: {e}"))
+
+
+def _model_and_call(spec: dict[str, Any], *, meta: bool):
+    """The model and one call's inputs: Wan2.1-1.3B (``full``) or the mid-size config."""
+    if spec["kind"] == "full":
+        from vdopt.capture import bind_call
+        from vdopt.models import build
+
+        model, args, kwargs = build("wan", "full", device="meta" if meta else spec["device"],
+                                    dtype=getattr(torch, spec["dtype"]), **spec["shape"])
+        return model, bind_call(model, args, kwargs)
+    cfg = e2e.BenchConfig(**spec["config"])
+    model, latents, prompt, _ = e2e.build(cfg)
+    return model, {"hidden_states": latents.to(prompt.dtype), "timestep": torch.tensor([500], device=cfg.device),
+                   "encoder_hidden_states": prompt, "return_dict": False}
+
+
+def per_rank_graphs(meshes, model_spec: dict[str, Any], calls: int = 0) -> dict[str, dict[str, Any]]:
+    """``_per_rank_child`` in a fresh process (the fake group stays there)."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_per_rank_child, args=(queue, list(meshes), model_spec, calls), daemon=True)
+    proc.start()
+    status, payload = queue.get(timeout=3600)
+    proc.join(timeout=30)
+    if status != "ok":
+        raise RuntimeError(payload)
+    return payload
+
+
+def comm_seconds(comms: list[dict[str, Any]], degrees: dict[str, int], bandwidth: float, latency: float) -> float:
+    """Communication time per call under a link model (bandwidth in bytes/s, latency in s)."""
+    total = 0.0
+    for c in comms:
+        hops = degrees.get("ring", 1) - 1 if c["kind"] == "p2p" else 1
+        total += latency * max(hops, 1) + c["bytes"] / bandwidth
+    return total
+
+
+def project(compute_1: float, graphs: dict[str, dict[str, Any]], meshes) -> list[dict[str, Any]]:
+    """Rows of the projection; a mesh's measured per-rank compute replaces compute(1) / N."""
+    rows = []
+    for degrees in meshes:
+        name = mesh_name(degrees)
+        comms = graphs[name]["comms"]
+        ranks = 1
+        for d in degrees.values():
+            ranks *= d
+        compute = graphs[name].get("compute_s", compute_1 / ranks)
+        row: dict[str, Any] = {
+            "mesh": name, "ranks": ranks, "compute_per_rank_s": compute,
+            "compute_per_rank_source": "measured (fake group)" if "compute_s" in graphs[name] else "compute(1) / N",
+            "bytes_per_call": sum(c["bytes"] for c in comms),
+            "collectives_per_call": len(comms),
+            "by_link": {},
+        }
+        for link, spec in LINKS.items():
+            comm = comm_seconds(comms, degrees, spec["bandwidth_GBps"] * 1e9, spec["latency_us"] * 1e-6)
+            step = compute + comm
+            row["by_link"][link] = {"comm_s": comm, "step_s": step, "speedup": compute_1 / step,
+                                    "efficiency": compute_1 / step / ranks}
+        rows.append(row)
+    return rows
+
+
+# -- the gloo check --------------------------------------------------------------------------
+
+def _timed(fn, kwargs, calls: int, barrier=None, sync: bool = False) -> float:
+    """Median seconds of ``calls`` calls after one untimed call."""
+    times = []
+    with torch.no_grad():
+        fn(**kwargs)
+        for _ in range(calls):
+            if barrier:
+                barrier()
+            if sync:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn(**kwargs)
+            if sync:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _gloo_rank(rank: int, world: int, port: int, cfg, calls: int, queue) -> None:
+    import torch.distributed as dist
+
+    from vdopt.collectives import communication
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        import vdopt
+
+        model, kwargs = _model_and_call({"kind": "mid", "config": dataclasses.asdict(cfg)}, meta=False)
+        opt = vdopt.optimize(model, vdopt.Mesh(ulysses=world), compile=False)
+        step = _timed(opt, kwargs, calls, dist.barrier)
+        gm = opt.plans[0].program.gm
+        comms = [{"kind": c.kind, "bytes": c.bytes, "axis": c.axis} for c in communication(getattr(gm, "gm", gm))]
+        # The link: latency from 1 KiB all-to-alls, bandwidth from 16 MiB ones.
+        link = {}
+        for label, sent in (("small", 1024), ("large", 16 << 20)):
+            numel = max(world, (sent * world // (world - 1)) // 4 // world * world)
+            x = torch.randn(numel)
+            out = torch.empty_like(x)
+            dist.all_to_all_single(out, x)
+            times = []
+            for _ in range(30):  # median: other processes share these cores
+                dist.barrier()
+                start = time.perf_counter()
+                dist.all_to_all_single(out, x)
+                times.append(time.perf_counter() - start)
+            link[label] = {"bytes_sent": numel * 4 * (world - 1) // world, "seconds": statistics.median(times)}
+        if rank == 0:
+            queue.put(("ok", {"step_s": step, "comms": comms, "link": link}))
+        dist.barrier()
+        dist.destroy_process_group()
+    except BaseException as e:
+        queue.put(("error", f"rank {rank}: {type(e).__name__}: {e}"))
+
+
+def gloo_check(cfg, calls: int) -> dict[str, Any]:
+    """The projection for ulysses=2 at ``cfg`` against a real 2-rank gloo run on this CPU."""
+    import socket
+
+    import vdopt
+
+    spec = {"kind": "mid", "config": dataclasses.asdict(cfg), "device": "cpu", "compile": False}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model, kwargs = _model_and_call(spec, meta=False)
+        single = _timed(vdopt.optimize(model, compile=False), kwargs, calls)
+    finally:
+        torch.set_num_threads(threads)
+    rank_graph = per_rank_graphs([{"ulysses": 2}], spec, calls)["ulysses2"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_gloo_rank, args=(r, 2, port, cfg, calls, queue), daemon=True) for r in range(2)]
+    for p in procs:
+        p.start()
+    status, payload = queue.get(timeout=1800)
+    for p in procs:
+        p.join(timeout=60)
+    if status != "ok":
+        raise RuntimeError(payload)
+    small, big = payload["link"]["small"], payload["link"]["large"]
+    bandwidth = (big["bytes_sent"] - small["bytes_sent"]) / max(big["seconds"] - small["seconds"], 1e-9)
+    latency = max(small["seconds"] - small["bytes_sent"] / bandwidth, 0.0)
+    comm = comm_seconds(payload["comms"], {"ulysses": 2}, bandwidth, latency)
+    return {
+        "config": f"Wan mid-size {e2e.MID_WAN | {'num_layers': cfg.layers}}, video {cfg.frames}x{cfg.height}x{cfg.width}, float32",
+        "mesh": "ulysses2 (2 gloo processes, 1 thread each, same CPU)",
+        "compute_1_s": single, "compute_per_rank_s": rank_graph["compute_s"],
+        "link_bandwidth_GBps": bandwidth / 1e9, "link_latency_us": latency * 1e6,
+        "bytes_per_call": sum(c["bytes"] for c in payload["comms"]), "collectives_per_call": len(payload["comms"]),
+        "comm_s": comm,
+        "projected_step_s": rank_graph["compute_s"] + comm,
+        "projected_step_ideal_split_s": single / 2 + comm,
+        "measured_step_s": payload["step_s"],
+        "projection_error": (rank_graph["compute_s"] + comm) / payload["step_s"] - 1,
+    }
+
+
+# -- output ----------------------------------------------------------------------------------
+
+def markdown(report: dict[str, Any]) -> str:
+    links = list(LINKS)
+    lines = [
+        f"# Scaling projection: {report['model']}",
+        "",
+        "**Projection, not a measurement.** time(N) = compute per rank + sum over the graph's collectives of "
+        "(latency + bytes/bandwidth), no overlap. compute(1) = "
+        f"{report['compute_1_s'] * 1e3:.0f} ms per call ({report['compute_1_source']}). Bytes per call are exact, "
+        "read from each mesh's rewritten rank-0 graph. "
+        f"{report['date']}; " + ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v),
+        "",
+        "| mesh | ranks | GiB sent / rank / call | collectives | " + " | ".join(f"{l}: speed-up (eff.)" for l in links) + " |",
+        "|---|---|---|---|" + "---|" * len(links),
+    ]
+    for row in report["projection"]:
+        cells = [f"{row['by_link'][l]['speedup']:.2f}x ({100 * row['by_link'][l]['efficiency']:.0f}%)" for l in links]
+        lines.append(f"| {row['mesh']} | {row['ranks']} | {row['bytes_per_call'] / 2**30:.2f} | "
+                     f"{row['collectives_per_call']} | " + " | ".join(cells) + " |")
+    lines += ["", "Link models:"]
+    lines += [f"- {name}: {s['bandwidth_GBps']:.0f} GB/s, {s['latency_us']:.0f} us per collective ({s['basis']})"
+              for name, s in LINKS.items()]
+    check = report.get("gloo_check")
+    if check:
+        lines += [
+            "",
+            "## Check against a real 2-rank run (gloo, CPU)",
+            "",
+            f"{check['config']}; {check['mesh']}. One process, one thread: {check['compute_1_s'] * 1e3:.1f} ms per "
+            f"call; rank 0's graph on a fake group (its compute alone): {check['compute_per_rank_s'] * 1e3:.1f} ms; gloo link measured with 1 KiB and 16 MiB "
+            f"all-to-alls: {check['link_bandwidth_GBps']:.2f} GB/s, {check['link_latency_us']:.0f} us; "
+            f"{check['bytes_per_call'] / 2**20:.2f} MiB in {check['collectives_per_call']} collectives per call.",
+            "",
+            "| | ms per call |",
+            "|---|---|",
+            f"| projected: measured per-rank compute + modelled gloo traffic ({check['comm_s'] * 1e3:.1f} ms) | {check['projected_step_s'] * 1e3:.1f} |",
+            f"| projected with compute(1) / 2 instead | {check['projected_step_ideal_split_s'] * 1e3:.1f} |",
+            f"| measured, 2 gloo ranks | {check['measured_step_s'] * 1e3:.1f} |",
+            f"| projection error | {100 * check['projection_error']:+.0f}% |",
+            "",
+            "The two ranks share this machine's cores (and other processes' load), so this checks the "
+            "formula's bookkeeping, not GPU link figures.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for link in LINKS:
+        for kind, style in (("ulysses", "-o"), ("ring", "--s")):
+            rows = [r for r in report["projection"] if r["mesh"] in {f"{kind}{n}" for n in (2, 4, 8)}]
+            if rows:
+                ax.plot([1] + [r["ranks"] for r in rows], [1] + [r["by_link"][link]["speedup"] for r in rows],
+                        style, label=f"{kind}, {link.split(' (')[0]}")
+    ax.plot([1, 8], [1, 8], ":", color="#999999", label="linear")
+    ax.set_xlabel("GPUs")
+    ax.set_ylabel("projected speed-up per call")
+    ax.set_title(f"PROJECTION: {report['model']}\ncompute(1) {report['compute_1_s'] * 1e3:.0f} ms "
+                 f"({report['compute_1_source'][:60]})", fontsize=8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--frames", type=int, default=81)
+    parser.add_argument("--height", type=int, default=480)
+    parser.add_argument("--width", type=int, default=832)
+    parser.add_argument("--meshes", default=";".join(",".join(f"{a}={d}" for a, d in m.items()) for m in MESHES),
+                        help="';'-separated meshes, e.g. 'ulysses=2;ring=4;ulysses=4,ring=2'")
+    parser.add_argument("--no-check", action="store_true", help="skip the 2-rank gloo check")
+    parser.add_argument("--check-calls", type=int, default=5, help="timed calls in the gloo check")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    log.setLevel(logging.INFO)
+
+    shape = {"frames": args.frames, "height": args.height, "width": args.width}
+    meshes = e2e.parse_meshes(args.meshes)
+    cuda = torch.cuda.is_available()
+    spec = {"kind": "full", "shape": shape, "device": "cuda" if cuda else "cpu", "dtype": "bfloat16", "compile": None}
+    log.info("rank 0's rewritten graph of %d meshes on a fake process group (%s)", len(meshes),
+             "timed on this GPU" if cuda else "meta device: bytes only")
+    graphs = per_rank_graphs(meshes, spec, calls=5 if cuda else 0)
+    if cuda:
+        compute_1 = per_rank_graphs([{}], spec, calls=5)[""]["compute_s"]
+        source = f"measured here: vdopt compiled, bf16, {torch.cuda.get_device_name()}; per-rank compute measured per mesh"
+    else:
+        compute_1 = ANCHOR_STEP_S
+        source = "ANCHORS.md: diffusers eager, bf16, one H100 (no GPU here); per-rank compute = compute(1) / N"
+    report: dict[str, Any] = {
+        "benchmark": "scaling projection",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": e2e.versions(),
+        "host": f"{platform.machine()} CPU, {os.cpu_count()} cores" + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
+        "model": f"Wan2.1-1.3B, {args.frames}x{args.height}x{args.width}, batch 1",
+        "compute_1_s": compute_1,
+        "compute_1_source": source,
+        "links": LINKS,
+        "graphs": graphs,
+        "projection": project(compute_1, graphs, meshes),
+    }
+    if not args.no_check:
+        log.info("2-rank gloo check at the mid-size config")
+        report["gloo_check"] = gloo_check(e2e.BenchConfig(), args.check_calls)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"scaling_wan1.3b_{args.frames}x{args.height}x{args.width}"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(markdown(report))
+    plot(report, stem.with_suffix(".png"))
+    log.info("wrote %s.{json,md,png}", stem)
+    return report
+
+
+if __name__ == "__main__":
+    main()
