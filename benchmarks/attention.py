@@ -19,12 +19,10 @@ never mistaken for GPU numbers.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import datetime
 import json
 import logging
-import math
 import os
 import platform
 import statistics
@@ -99,7 +97,6 @@ def make_inputs(shape: Shape, dtype, device, seed: int = 0):
 
 def backends(device: str) -> dict[str, Callable]:
     """name -> fn(q, k, v) -> out, for the backends this machine has."""
-    import torch
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 

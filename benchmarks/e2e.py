@@ -227,6 +227,13 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
+def _post(path: Path, text: str) -> None:
+    """Write ``path`` whole: the other process polls for it and must never read it half-written."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def _wait_for(path: Path, poll_s: float = 0.02) -> str:
     while not path.exists():
         time.sleep(poll_s)
@@ -307,7 +314,7 @@ def worker(method: str, cfg: BenchConfig, out: Path, spawn_time: float, extra: d
         elif command == "stop":
             break
         if rank == 0:
-            (out / f"done{n}").write_text(json.dumps(answer))
+            _post(out / f"done{n}", json.dumps(answer))
     result.update(seconds_all=times, seconds=min(times))
     if cfg.device.startswith("cuda"):
         result["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
@@ -323,7 +330,7 @@ def worker(method: str, cfg: BenchConfig, out: Path, spawn_time: float, extra: d
     if rank == 0:
         torch.save(final.cpu(), out / "final.pt")
         (out / "result.json").write_text(json.dumps(result, indent=1, default=str))
-        (out / f"done{n}").write_text("{}")
+        _post(out / f"done{n}", "{}")
 
 
 def save_worker(method: str, cfg: BenchConfig, out: Path, artifact: str) -> None:
@@ -376,7 +383,7 @@ class Worker:
         """Send ``command``; its answer once rank 0 has written it."""
         n = self.commands
         self.commands += 1
-        (self.dir / f"cmd{n}").write_text(command)
+        _post(self.dir / f"cmd{n}", command)
         deadline = time.monotonic() + self.timeout
         done = self.dir / f"done{n}"
         while not done.exists():
@@ -646,8 +653,6 @@ def _save_artifact(method: str, cfg: BenchConfig, scratch: Path, timeout: float)
 
 
 def _result(cfg: BenchConfig, results: dict[str, dict[str, Any]], latents: dict, interleave: bool) -> dict[str, Any]:
-    import torch
-
     from vdopt.models.diffusers_models import wan_latent_size
 
     eager = results.get("diffusers_eager", {}).get("seconds")

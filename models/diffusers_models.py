@@ -59,25 +59,18 @@ LATTE_CONFIGS: dict[str, dict] = {
         caption_channels=4096,
         video_length=16,
     ),
-    "tiny": dict(
-        num_attention_heads=2,
-        attention_head_dim=32,
-        in_channels=4,
-        out_channels=8,
-        num_layers=2,
-        cross_attention_dim=64,
-        attention_bias=True,
-        sample_size=8,
-        patch_size=2,
-        activation_fn="gelu-approximate",
-        num_embeds_ada_norm=1000,
-        norm_type="ada_norm_single",
-        norm_elementwise_affine=False,
-        norm_eps=1e-6,
-        caption_channels=32,
-        video_length=3,
-    ),
 }
+# The same architecture, shrunk.
+LATTE_CONFIGS["tiny"] = dict(
+    LATTE_CONFIGS["full"],
+    num_attention_heads=2,
+    attention_head_dim=32,
+    num_layers=2,
+    cross_attention_dim=64,
+    sample_size=8,
+    caption_channels=32,
+    video_length=3,
+)
 
 
 def latte_latent_size(frames: int, height: int, width: int) -> tuple[int, int, int]:
@@ -145,34 +138,22 @@ COGVIDEOX_CONFIGS: dict[str, dict] = {
         use_rotary_positional_embeddings=False,
         use_learned_positional_embeddings=False,
     ),
-    "tiny": dict(
-        num_attention_heads=2,
-        attention_head_dim=32,
-        in_channels=4,
-        out_channels=4,
-        flip_sin_to_cos=True,
-        freq_shift=0,
-        time_embed_dim=32,
-        text_embed_dim=32,
-        num_layers=2,
-        dropout=0.0,
-        attention_bias=True,
-        sample_width=12,
-        sample_height=8,
-        sample_frames=9,
-        patch_size=2,
-        temporal_compression_ratio=4,
-        max_text_seq_length=10,
-        activation_fn="gelu-approximate",
-        timestep_activation_fn="silu",
-        norm_elementwise_affine=True,
-        norm_eps=1e-5,
-        spatial_interpolation_scale=1.875,
-        temporal_interpolation_scale=1.0,
-        use_rotary_positional_embeddings=False,
-        use_learned_positional_embeddings=False,
-    ),
 }
+# The same architecture, shrunk.
+COGVIDEOX_CONFIGS["tiny"] = dict(
+    COGVIDEOX_CONFIGS["full"],
+    num_attention_heads=2,
+    attention_head_dim=32,
+    in_channels=4,
+    out_channels=4,
+    time_embed_dim=32,
+    text_embed_dim=32,
+    num_layers=2,
+    sample_width=12,
+    sample_height=8,
+    sample_frames=9,
+    max_text_seq_length=10,
+)
 
 
 def cogvideox_latent_size(frames: int, height: int, width: int) -> tuple[int, int, int]:
@@ -240,24 +221,19 @@ WAN_CONFIGS: dict[str, dict] = {
         added_kv_proj_dim=None,
         rope_max_seq_len=1024,
     ),
-    "tiny": dict(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=32,
-        in_channels=4,
-        out_channels=4,
-        text_dim=32,
-        freq_dim=32,
-        ffn_dim=128,
-        num_layers=2,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        eps=1e-6,
-        image_dim=None,
-        added_kv_proj_dim=None,
-        rope_max_seq_len=1024,
-    ),
 }
+# The same architecture, shrunk.
+WAN_CONFIGS["tiny"] = dict(
+    WAN_CONFIGS["full"],
+    num_attention_heads=2,
+    attention_head_dim=32,
+    in_channels=4,
+    out_channels=4,
+    text_dim=32,
+    freq_dim=32,
+    ffn_dim=128,
+    num_layers=2,
+)
 
 
 def wan_latent_size(frames: int, height: int, width: int) -> tuple[int, int, int]:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections import Counter
+from collections.abc import Collection
 from typing import ClassVar
 
 import torch
@@ -104,22 +105,28 @@ def _unscoped_pass_node(node: torch.fx.Node) -> bool:
     return meta.CREATED_BY in node.meta and not node.meta.get("nn_module_stack")
 
 
-def region_outputs(scope: list[torch.fx.Node]) -> list[torch.fx.Node]:
+def region_outputs(scope: list[torch.fx.Node], side_outputs: Collection[torch.fx.Node] = ()) -> list[torch.fx.Node]:
     """Nodes of ``scope`` read from outside it (or by the graph output), in graph order.
 
     A pass may insert nodes inside a module's computation without giving them its scope
     (an all-to-all between the projections and SDPA). Their inputs then look like outputs;
     such a node is internal when it feeds only unscoped pass nodes and is an ancestor of a
     real output, so it is not cached.
+
+    ``side_outputs`` are values the graph returns besides the model's outputs (PipeFusion's
+    fresh K/V): being returned does not make one of them a region output, so a reused region
+    still computes it rather than replaying a cached copy.
     """
     inside = set(scope)
-    candidates = [
-        n for n in scope
-        if any(u not in inside for u in n.users) and isinstance(n.meta.get("val"), torch.Tensor)
-    ]
+    side = set(side_outputs)
+
+    def outside_users(n: torch.fx.Node) -> list[torch.fx.Node]:
+        return [u for u in n.users if u not in inside and not (u.op == "output" and n in side)]
+
+    candidates = [n for n in scope if outside_users(n) and isinstance(n.meta.get("val"), torch.Tensor)]
 
     def leaks_only(n: torch.fx.Node) -> bool:
-        return all(u in inside or _unscoped_pass_node(u) for u in n.users)
+        return all(_unscoped_pass_node(u) for u in outside_users(n))
 
     real = [n for n in candidates if not leaks_only(n)]
     upstream = _ancestors(real) - set(real)
@@ -130,7 +137,9 @@ def _is_attention(node: torch.fx.Node) -> bool:
     return meta.SITE in node.meta or node.target is aten.scaled_dot_product_attention.default
 
 
-def find_attention_regions(graph: torch.fx.Graph, sites: tuple[AttentionSite, ...]) -> tuple[list[PABRegion], dict[str, str]]:
+def find_attention_regions(
+    graph: torch.fx.Graph, sites: tuple[AttentionSite, ...], side_outputs: Collection[torch.fx.Node] = ()
+) -> tuple[list[PABRegion], dict[str, str]]:
     """One region per broadcastable attention site; ``skipped`` says why a site has none."""
     scopes, keys_of_path = _scopes(graph)
     by_module: dict[str, list[AttentionSite]] = {}
@@ -140,6 +149,8 @@ def find_attention_regions(graph: torch.fx.Graph, sites: tuple[AttentionSite, ..
     regions: list[PABRegion] = []
     skipped: dict[str, str] = {}
     nodes_by_name = {n.name: n for n in graph.nodes}
+    # A graph rebuilt from another (PipeFusion's patch graphs) keeps the site tag, not the name.
+    nodes_by_site = {n.meta[meta.SITE].name: n for n in graph.nodes if meta.SITE in n.meta}
     for path, module_sites in by_module.items():
         site = module_sites[0]
         kinds = {PAB_KIND_OF_SITE[s.kind] for s in module_sites}
@@ -154,7 +165,7 @@ def find_attention_regions(graph: torch.fx.Graph, sites: tuple[AttentionSite, ..
             scope = scopes[keys[0]]
         else:
             # No module scope (a functional attention call): cache the attention op alone.
-            node = nodes_by_name.get(site.node)
+            node = nodes_by_site.get(site.name, nodes_by_name.get(site.node))
             if node is None:
                 skipped[site.name] = "attention node not found in the final graph"
                 continue
@@ -162,7 +173,7 @@ def find_attention_regions(graph: torch.fx.Graph, sites: tuple[AttentionSite, ..
         if not any(_is_attention(n) for n in scope):
             skipped[site.name] = "module scope holds no attention node"
             continue
-        outputs = region_outputs(scope)
+        outputs = region_outputs(scope, side_outputs)
         if not outputs:
             skipped[site.name] = "module output not found"
             continue
@@ -178,7 +189,7 @@ def find_attention_regions(graph: torch.fx.Graph, sites: tuple[AttentionSite, ..
     return regions, skipped
 
 
-def find_feedforward_regions(graph: torch.fx.Graph) -> list[PABRegion]:
+def find_feedforward_regions(graph: torch.fx.Graph, side_outputs: Collection[torch.fx.Node] = ()) -> list[PABRegion]:
     """Feed-forward modules inside transformer blocks: the outermost module in a block with
     two or more projections and no attention, and a single output."""
     scopes, _ = _scopes(graph)
@@ -204,7 +215,7 @@ def find_feedforward_regions(graph: torch.fx.Graph) -> list[PABRegion]:
             break
     regions = []
     for key, path in chosen.items():
-        outputs = region_outputs(scopes[key])
+        outputs = region_outputs(scopes[key], side_outputs)
         if len(outputs) != 1:
             log.info("PAB: feed-forward module %s has %d outputs; not broadcast", path, len(outputs))
             continue
@@ -215,13 +226,17 @@ def find_feedforward_regions(graph: torch.fx.Graph) -> list[PABRegion]:
 
 
 def find_pab_regions(
-    graph: torch.fx.Graph, sites: tuple[AttentionSite, ...], *, mlp: bool = False
+    graph: torch.fx.Graph,
+    sites: tuple[AttentionSite, ...],
+    *,
+    mlp: bool = False,
+    side_outputs: Collection[torch.fx.Node] = (),
 ) -> tuple[list[PABRegion], dict[str, str]]:
     """Broadcastable regions of the final graph (attention sites, and feed-forwards if ``mlp``),
-    and the sites left out with the reason."""
-    regions, skipped = find_attention_regions(graph, sites)
+    and the sites left out with the reason. ``side_outputs``: see ``region_outputs``."""
+    regions, skipped = find_attention_regions(graph, sites, side_outputs)
     if mlp:
-        regions += find_feedforward_regions(graph)
+        regions += find_feedforward_regions(graph, side_outputs)
     return regions, skipped
 
 

@@ -47,7 +47,6 @@ import logging
 import os
 import platform
 import shutil
-import sys
 import time
 import uuid
 from pathlib import Path

@@ -95,7 +95,7 @@ class Mesh:
         """World size of the initialized default group, or from torchrun's env; else 1."""
         if dist.is_available() and dist.is_initialized():
             return dist.get_world_size()
-        return int(os.environ.get("WORLD_SIZE", 1))
+        return int(os.environ.get("WORLD_SIZE", "1"))
 
     def ensure_process_group(self, device: torch.device) -> None:
         """Initialize the default process group from torchrun's environment when needed."""

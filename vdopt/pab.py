@@ -13,7 +13,10 @@ starts the next step at slot 0; a higher one starts a new generation (as ``reset
 
 The graph is specialized once per pattern of reused kinds (``passes/pab_specialize.py``):
 a reused region is dead code in its variant, so its projections, norms and collectives are
-not executed. ``PABProgram`` picks the variant per call and moves the caches in and out.
+not executed. ``PABState`` takes the decision once per call and moves the caches in and out
+of the variants; ``PABProgram`` runs one graph per call with it, and PipeFusion
+(``vdopt/pipefusion.py``) runs its stage graphs with it (the whole latent, or one graph per
+patch, each with its own caches).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import dataclasses
 import itertools
 import logging
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Hashable, Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
 
@@ -33,6 +36,7 @@ from torch.utils import _pytree as pytree
 
 from vdopt.compile import compile_graph, compile_summary
 from vdopt.config import PABConfig
+from vdopt.passes.analysis.sites import AttentionSite
 from vdopt.passes.base import PassContext
 from vdopt.passes.pab_specialize import (
     PAB_KINDS,
@@ -47,6 +51,9 @@ log = logging.getLogger(__name__)
 
 TIMESTEP_ARG = "timestep"
 """The model argument the timestep is read from."""
+
+MAIN_GRAPH = "main"
+"""Key of the one graph ``PABProgram`` runs (``PABState`` keys caches per graph)."""
 
 
 # -- the schedule ----------------------------------------------------------------------------
@@ -155,8 +162,9 @@ class SlotState:
 
     calls: int = 0
     """Calls of this slot since reset (the rule's i)."""
-    cache: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
-    """Cache key (``PABRegion.cache_keys``) -> the region's output at its last computation."""
+    cache: dict[Hashable, dict[str, torch.Tensor]] = dataclasses.field(default_factory=dict)
+    """Graph key -> cache key (``PABRegion.cache_keys``) -> the region's output at its last
+    computation in that graph."""
 
 
 class StepTracker:
@@ -244,6 +252,133 @@ class GraphVariants:
         return variant
 
 
+# -- regions, decisions, caches and figures (shared by every program that applies PAB) ------
+
+def find_graph_regions(
+    graphs: Mapping[Hashable, torch.fx.GraphModule],
+    config: PABConfig,
+    sites: tuple[AttentionSite, ...],
+    *,
+    side_outputs: Mapping[Hashable, Collection[torch.fx.Node]] | None = None,
+) -> tuple[PABSchedule, dict[Hashable, list[PABRegion]], dict[str, str]]:
+    """The schedule (kinds some graph has regions of), each graph's regions, and the sites
+    not broadcast and why. ``side_outputs``: per graph, see ``region_outputs``."""
+    schedule = PABSchedule.from_config(config)
+    regions: dict[Hashable, list[PABRegion]] = {}
+    skipped: dict[str, str] = {}
+    for key, gm in graphs.items():
+        found, why = find_pab_regions(
+            gm.graph, sites, mlp=config.mlp_range is not None, side_outputs=(side_outputs or {}).get(key, ())
+        )
+        # Kinds with range None or 1 compute on every call: nothing to specialize or cache.
+        regions[key] = [r for r in found if r.kind in schedule.rules]
+        for site, reason in why.items():
+            skipped.setdefault(site, reason)
+    schedule = schedule.only(r.kind for found in regions.values() for r in found)
+    if not any(regions.values()):
+        names = ", ".join(type(gm).__name__ for gm in graphs.values())
+        log.warning("PAB: no attention site of %s is broadcastable (%s)", names, skipped or "no sites")
+    return schedule, regions, skipped
+
+
+class PABState:
+    """PAB's step state for a program that runs one or more graphs per call.
+
+    The decision (which kinds reuse) is taken once per call, from the call slot and the
+    timestep only, and holds for every graph the call runs; each graph keeps its own caches
+    (a PipeFusion patch graph reuses its own rows). Counts are region calls: a region counts
+    once per call, however many graphs (patches) of the call hold it.
+    """
+
+    def __init__(
+        self,
+        schedule: PABSchedule,
+        regions: Mapping[Hashable, Sequence[PABRegion]],
+        skipped: Mapping[str, str] | None = None,
+    ) -> None:
+        self.schedule = schedule
+        self.regions = {key: tuple(found) for key, found in regions.items()}
+        """Graph key -> that graph's broadcastable regions."""
+        self.skipped = dict(skipped or {})
+        self.slots: dict[int, SlotState] = {}
+        self.counts = {k: {"computed": 0, "reused": 0} for k in PAB_KINDS}
+        """Region calls per PAB kind since the state was built (not cleared by reset)."""
+        self.variant_calls: dict[str, int] = {}
+        """Calls per variant name (a pattern of reused kinds)."""
+
+    def decide(self, slot_index: int, timestep: float, graphs: Iterable[Hashable]) -> tuple[SlotState, frozenset[str]]:
+        """The slot of a call and the kinds it reuses in every graph of ``graphs`` (those it runs)."""
+        slot = self.slots.setdefault(slot_index, SlotState())
+        reuse = self.schedule.reused(slot.calls, timestep)
+        # Like diffusers' hook, never reuse an empty cache: e.g. PipeFusion's first pipelined
+        # call has no patch caches yet, so it computes.
+        graphs = list(graphs)
+        return slot, frozenset(k for k in reuse if all(self._has_cache(slot, g, k) for g in graphs))
+
+    def _has_cache(self, slot: SlotState, graph: Hashable, kind: str) -> bool:
+        cache = slot.cache.get(graph, {})
+        return all(key in cache for r in self.regions[graph] if r.kind == kind for key in r.cache_keys())
+
+    def run(self, slot: SlotState, graph: Hashable, variant: Variant, leaves: Sequence[Any]) -> Sequence[Any]:
+        """Runs ``graph``'s variant with its cache inputs, keeps its cache outputs, and returns
+        the graph's own outputs."""
+        cache = slot.cache.setdefault(graph, {})
+        result = variant.run(*leaves, *(cache[key] for key in variant.cache_inputs))
+        n_out = len(result) - len(variant.cache_outputs)
+        cache.update(zip(variant.cache_outputs, result[n_out:]))
+        return result[:n_out]
+
+    def finish(self, slot: SlotState, reuse: frozenset[str], graphs: Iterable[Hashable]) -> None:
+        """Ends a call that ran ``graphs``: advances its slot and counts its region calls."""
+        slot.calls += 1
+        kinds = {r.name: r.kind for g in graphs for r in self.regions[g]}
+        for kind in kinds.values():
+            self.counts[kind]["reused" if kind in reuse else "computed"] += 1
+        name = variant_name(reuse)
+        self.variant_calls[name] = self.variant_calls.get(name, 0) + 1
+
+    def reset(self) -> None:
+        """Start a new generation: clear every slot's counter and cache."""
+        self.slots.clear()
+
+    def cache_bytes(self) -> int:
+        """Bytes of cached region outputs held now (all slots and graphs)."""
+        return sum(
+            t.numel() * t.element_size() for s in self.slots.values() for c in s.cache.values() for t in c.values()
+        )
+
+    def summary(self, variants: Iterable[Variant] = ()) -> dict[str, Any]:
+        """Report lines: per kind regions and counts, sites left out, cache held, and the
+        ``variants`` built (the first of each name shows what specializing removed)."""
+        lines: dict[str, Any] = {}
+        for kind in PAB_KINDS:
+            sites = {r.name for found in self.regions.values() for r in found if r.kind == kind}
+            if not sites:
+                continue
+            rule = self.schedule.rules.get(kind)
+            c = self.counts[kind]
+            how = f"range {rule.range}, window {rule.window}" if rule else "always computed"
+            lines[f"pab {kind}"] = f"{len(sites)} regions ({how}): computed {c['computed']}, reused {c['reused']} region calls"
+        if self.skipped:
+            lines["pab not broadcast"] = "; ".join(f"{k} ({why})" for k, why in self.skipped.items())
+        lines["pab cache held"] = f"{self.cache_bytes() / 2**20:.2f} MiB in {len(self.slots)} call slot(s)"
+        variants = list(variants)
+        first: dict[str, Variant] = {}
+        for v in variants:
+            first.setdefault(v.name, v)
+        if first:
+            parts = []
+            for v in first.values():
+                removed = {k: n for k, n in (v.record.stats if v.record else {}).items() if k.startswith("removed_") and n}
+                parts.append(
+                    f"{v.name} x{self.variant_calls.get(v.name, 0)}"
+                    + (" (" + ", ".join(f"-{n} {k.removeprefix('removed_')}" for k, n in removed.items()) + ")" if removed else "")
+                )
+            lines["pab variants"] = "; ".join(parts)
+            lines.update(compile_summary(v.run for v in variants))
+        return lines
+
+
 # -- the program -----------------------------------------------------------------------------
 
 class PABProgram:
@@ -276,12 +411,21 @@ class PABProgram:
         self.in_spec = in_spec
         self.out_spec = out_spec
         self.input_names = tuple(input_names)
-        self.skipped = dict(skipped or {})
         self.tracker = StepTracker()
-        self.slots: dict[int, SlotState] = {}
-        self.counts = {k: {"computed": 0, "reused": 0} for k in PAB_KINDS}
+        self.state = PABState(schedule, {MAIN_GRAPH: self.regions}, skipped)
+
+    @property
+    def slots(self) -> dict[int, SlotState]:
+        return self.state.slots
+
+    @property
+    def counts(self) -> dict[str, dict[str, int]]:
         """Region calls per PAB kind since the program was built (not cleared by reset)."""
-        self.variant_calls: dict[str, int] = {}
+        return self.state.counts
+
+    @property
+    def skipped(self) -> dict[str, str]:
+        return self.state.skipped
 
     @classmethod
     def from_graph(
@@ -289,19 +433,13 @@ class PABProgram:
     ) -> PABProgram:
         """PAB over the final per-rank graph ``gm`` (after every other pass); each variant is
         run through ``vdopt.compile.compile_graph(enabled=compile)``."""
-        schedule = PABSchedule.from_config(config)
-        regions, skipped = find_pab_regions(gm.graph, ctx.sites, mlp=config.mlp_range is not None)
-        # Kinds with range None or 1 compute on every call: nothing to specialize or cache.
-        regions = [r for r in regions if r.kind in schedule.rules]
-        schedule = schedule.only(r.kind for r in regions)
-        if not regions:
-            log.warning("PAB: no attention site of %s is broadcastable (%s)", type(gm).__name__, skipped or "no sites")
+        schedule, regions, skipped = find_graph_regions({MAIN_GRAPH: gm}, config, ctx.sites)
         codegen = gm.graph._codegen
         info = getattr(codegen, "pytree_info", None)
         names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
-        variants = GraphVariants(gm, ctx, regions, frozenset(schedule.rules), compile=compile)
+        variants = GraphVariants(gm, ctx, regions[MAIN_GRAPH], frozenset(schedule.rules), compile=compile)
         return cls(
-            schedule=schedule, regions=regions, variants=variants,
+            schedule=schedule, regions=regions[MAIN_GRAPH], variants=variants,
             in_spec=info.in_spec if info else None, out_spec=info.out_spec if info else None,
             input_names=names, skipped=skipped,
         )
@@ -321,39 +459,24 @@ class PABProgram:
         """Advance the step state for a call at ``timestep``: its slot and the kinds it reuses."""
         slot_index, new_generation = self.tracker.advance(timestep)
         if new_generation:
-            self.slots.clear()
-        slot = self.slots.setdefault(slot_index, SlotState())
-        reuse = self.schedule.reused(slot.calls, timestep)
-        # Like diffusers' hook, never reuse an empty cache.
-        return slot, frozenset(k for k in reuse if self._has_cache(slot, k))
-
-    def _has_cache(self, slot: SlotState, kind: str) -> bool:
-        return all(key in slot.cache for r in self.regions if r.kind == kind for key in r.cache_keys())
+            self.state.reset()
+        return self.state.decide(slot_index, timestep, [MAIN_GRAPH])
 
     def __call__(self, inputs: dict[str, Any]) -> Any:
         slot, reuse = self.decide(read_timestep(inputs))
-        variant = self._variants(reuse)
-        leaves = self._flatten(inputs)
-        caches = [slot.cache[key] for key in variant.cache_inputs]
-        result = variant.run(*leaves, *caches)
-        n_out = len(result) - len(variant.cache_outputs)
-        for key, value in zip(variant.cache_outputs, result[n_out:]):
-            slot.cache[key] = value
-        slot.calls += 1
-        for region in self.regions:
-            self.counts[region.kind]["reused" if region.kind in reuse else "computed"] += 1
-        self.variant_calls[variant.name] = self.variant_calls.get(variant.name, 0) + 1
-        return self._unflatten(result[:n_out])
+        outputs = self.state.run(slot, MAIN_GRAPH, self._variants(reuse), self._flatten(inputs))
+        self.state.finish(slot, reuse, [MAIN_GRAPH])
+        return self._unflatten(outputs)
 
     def reset(self) -> None:
         """Start a new generation: clear every slot's counter and cache."""
         self.tracker.reset()
-        self.slots.clear()
+        self.state.reset()
 
     # -- introspection and export -----------------------------------------------------------
     def cache_bytes(self) -> int:
         """Bytes of cached region outputs held now (all slots)."""
-        return sum(t.numel() * t.element_size() for s in self.slots.values() for t in s.cache.values())
+        return self.state.cache_bytes()
 
     def variant(self, reuse: Iterable[str] = ()) -> Variant:
         """The variant for one pattern of reused kinds (built now if needed)."""
@@ -422,27 +545,4 @@ class PABProgram:
         )
 
     def summary(self) -> dict[str, Any]:
-        lines: dict[str, Any] = {}
-        for kind in PAB_KINDS:
-            sites = [r for r in self.regions if r.kind == kind]
-            if not sites:
-                continue
-            rule = self.schedule.rules.get(kind)
-            c = self.counts[kind]
-            how = f"range {rule.range}, window {rule.window}" if rule else "always computed"
-            lines[f"pab {kind}"] = f"{len(sites)} regions ({how}): computed {c['computed']}, reused {c['reused']} region calls"
-        if self.skipped:
-            lines["pab not broadcast"] = "; ".join(f"{k} ({why})" for k, why in self.skipped.items())
-        lines["pab cache held"] = f"{self.cache_bytes() / 2**20:.2f} MiB in {len(self.slots)} call slot(s)"
-        built = getattr(self._variants, "built", {})
-        if built:
-            parts = []
-            for v in built.values():
-                removed = {k: n for k, n in (v.record.stats if v.record else {}).items() if k.startswith("removed_") and n}
-                parts.append(
-                    f"{v.name} x{self.variant_calls.get(v.name, 0)}"
-                    + (" (" + ", ".join(f"-{n} {k.removeprefix('removed_')}" for k, n in removed.items()) + ")" if removed else "")
-                )
-            lines["pab variants"] = "; ".join(parts)
-            lines.update(compile_summary(v.run for v in built.values()))
-        return lines
+        return self.state.summary(getattr(self._variants, "built", {}).values())

@@ -21,6 +21,14 @@ Per call (one denoising step, or one call slot of a step, e.g. cond and uncond):
 The last stage reassembles the patches, runs the epilogue and broadcasts the output, so every
 rank returns the full output. Each rank keeps the K/V cache of its own layers only.
 
+With PAB (``vdopt.pab``), each stage graph (the exact one, and each patch's) is specialized per
+pattern of reused kinds, as the single-device graph is. A call takes one decision (from its
+timestep and call slot, so the same on every rank) for every stage graph it runs; caches are
+kept per call slot and per stage graph, so a patch replays its own rows. A reused attention
+site with stale K/V still computes its K/V projections, since PipeFusion's K/V cache takes
+them: that cache then holds this step's K/V as without PAB, and only the query, the attention
+and the output projection are skipped.
+
 What is approximate: pipelined calls (by design). What is not done: the pipeline is filled
 and drained within each call (the scheduler step between calls is outside the model), so
 there is a bubble of (N-1)/(M+N-1) per call, unlike xDiT which keeps the pipeline full across
@@ -32,7 +40,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import operator
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -41,20 +50,34 @@ import torch.fx._pytree as fx_pytree
 from torch.utils import _pytree as pytree
 
 from vdopt import meta
-from vdopt.config import PipeFusionConfig
-from vdopt.pab import StepTracker, read_timestep
+from vdopt.config import PABConfig, PipeFusionConfig
+from vdopt.pab import (
+    GraphVariants,
+    PABState,
+    SlotState,
+    StepTracker,
+    find_graph_regions,
+    read_timestep,
+)
 from vdopt.passes.analysis.attention import depends_on_latent
 from vdopt.passes.base import PassContext
 from vdopt.passes.patch_shapes import (
     PatchDim,
-    PatchError,
     PatchDims,
+    PatchError,
     PatchGraph,
     infer_patch_dims,
     rewrite_for_patch,
     write_patch,
 )
-from vdopt.passes.stage_split import POST, PRE, extract_graph, is_stage_boundary, parameter_bytes, split_stages
+from vdopt.passes.stage_split import (
+    POST,
+    PRE,
+    extract_graph,
+    is_stage_boundary,
+    parameter_bytes,
+    split_stages,
+)
 
 log = logging.getLogger(__name__)
 
@@ -296,6 +319,56 @@ class _Slot:
     kv: list[torch.Tensor] | None = None
 
 
+EXACT_GRAPH = "exact"
+"""PAB's key of the stage graph on the whole latent (patch graphs: ``patch_key(i)``)."""
+
+
+def patch_key(i: int) -> str:
+    return f"patch {i}"
+
+
+@dataclasses.dataclass(kw_only=True)
+class StagePAB:
+    """PAB over one rank's stage graphs: the shared decision and caches, and the variants of
+    each stage graph by key (``EXACT_GRAPH``, ``patch_key(i)``)."""
+
+    state: PABState
+    variants: dict[str, GraphVariants]
+
+    @classmethod
+    def build(cls, graphs: StageGraphs, ctx: PassContext, config: PABConfig) -> StagePAB:
+        stage_graphs = {EXACT_GRAPH: graphs.exact, **{patch_key(i): pg for i, pg in enumerate(graphs.patches)}}
+        # Sites of other stages are absent here by design, not left out: report this stage's only.
+        present = {n.meta[meta.SITE].name for n in graphs.exact.gm.graph.nodes if meta.SITE in n.meta}
+        schedule, regions, skipped = find_graph_regions(
+            {key: pg.gm for key, pg in stage_graphs.items()}, config,
+            tuple(s for s in ctx.sites if s.name in present),
+            # the K/V each graph returns for PipeFusion's cache are computed, never replayed
+            side_outputs={key: kv_outputs(pg) for key, pg in stage_graphs.items()},
+        )
+        variants = {
+            # uncompiled, like the stage graphs without PAB
+            key: GraphVariants(pg.gm, ctx, regions[key], frozenset(schedule.rules), compile=False)
+            for key, pg in stage_graphs.items()
+        }
+        return cls(state=PABState(schedule, regions, skipped), variants=variants)
+
+    def summary(self) -> dict[str, Any]:
+        lines = {
+            "pab stage graphs": f"{len(self.variants)} ({', '.join(self.variants)}); regions and counts of this "
+            "stage, caches per call slot and stage graph",
+        }
+        lines.update(self.state.summary(v for graph in self.variants.values() for v in graph.built.values()))
+        return lines
+
+
+def kv_outputs(pg: PatchGraph) -> list[torch.fx.Node]:
+    """The K/V values ``pg`` returns after its stage outputs (two per stale site)."""
+    out_node = next(n for n in reversed(pg.gm.graph.nodes) if n.op == "output")
+    values = list(out_node.args[0])
+    return values[len(values) - 2 * len(pg.cache_sites):]
+
+
 class PipeFusionProgram:
     """Runs one rank's stage of the pipeline; see the module docstring."""
 
@@ -311,6 +384,7 @@ class PipeFusionProgram:
         output_metas: Sequence[Any],
         figures: dict[str, Any],
         total_param_bytes: int,
+        pab: StagePAB | None = None,
     ) -> None:
         self.graphs = graphs
         self.config = config
@@ -327,9 +401,14 @@ class PipeFusionProgram:
         self.steps = 0
         self.slots: dict[int, _Slot] = {}
         self.counts = {"exact": 0, "pipelined": 0}
+        self.pab = pab
+        """PAB over the stage graphs, or None."""
 
     @classmethod
-    def from_graph(cls, gm: torch.fx.GraphModule, ctx: PassContext, config: PipeFusionConfig) -> "PipeFusionProgram":
+    def from_graph(
+        cls, gm: torch.fx.GraphModule, ctx: PassContext, config: PipeFusionConfig, pab: PABConfig | None = None
+    ) -> PipeFusionProgram:
+        """This rank's stage of ``gm`` (marked by StageSplit), with PAB when ``pab`` is set."""
         mesh = ctx.mesh
         if mesh.pipefusion == 1:
             # one stage: the patches run one after another on this device (used by tests)
@@ -350,6 +429,7 @@ class PipeFusionProgram:
             graphs, config=config, group=group, peers=peers,
             in_spec=info.in_spec if info else None, out_spec=info.out_spec if info else None,
             output_metas=metas, figures=figures, total_param_bytes=parameter_bytes(gm),
+            pab=StagePAB.build(graphs, ctx, pab) if pab is not None else None,
         )
 
     # -- communication ---------------------------------------------------------------------
@@ -372,24 +452,27 @@ class PipeFusionProgram:
             return leaves
         src = self.peers[-1]
         result = []
-        for i, meta in enumerate(self.output_metas):
-            if not isinstance(meta, torch.Tensor):
-                result.append(meta if leaves is None else leaves[i])
+        for i, fake in enumerate(self.output_metas):
+            if not isinstance(fake, torch.Tensor):
+                result.append(fake if leaves is None else leaves[i])
                 continue
             if leaves is not None:
                 t = leaves[i].contiguous()
             else:
-                t = torch.empty(tuple(meta.shape), dtype=meta.dtype, device=device)
+                t = torch.empty(tuple(fake.shape), dtype=fake.dtype, device=device)
             dist.broadcast(t, src=src, group=self.group)
             result.append(t)
         return result
 
     # -- one call ----------------------------------------------------------------------------
     def __call__(self, inputs: dict[str, Any]) -> Any:
-        try:
-            timestep = read_timestep(inputs)
-        except ValueError:
-            timestep = None
+        if self.pab is not None:
+            timestep = read_timestep(inputs)  # PAB needs it: a clear error when missing
+        else:
+            try:
+                timestep = read_timestep(inputs)
+            except ValueError:
+                timestep = None
         if timestep is None:
             slot_index, new_generation = 0, False
             self.steps += 1
@@ -401,10 +484,21 @@ class PipeFusionProgram:
                 self.steps += 1
         slot = self.slots.setdefault(slot_index, _Slot())
         exact = self.steps <= self.config.warmup_steps or slot.kv is None
-        return self.run(inputs, slot, exact=exact)
+        if self.pab is None:
+            return self.run(inputs, slot, exact=exact)
+        graphs = [EXACT_GRAPH] if exact else [patch_key(i) for i in range(len(self.graphs.patches))]
+        pab_slot, reuse = self.pab.state.decide(slot_index, timestep, graphs)
+        out = self.run(inputs, slot, exact=exact, pab=(pab_slot, reuse))
+        self.pab.state.finish(pab_slot, reuse, graphs)
+        if not exact:  # a slot never runs exact again in this generation: free those caches
+            pab_slot.cache.pop(EXACT_GRAPH, None)
+        return out
 
-    def run(self, inputs: dict[str, Any], slot: _Slot, *, exact: bool) -> Any:
-        """One call: exact on the whole latent, or pipelined over the patches."""
+    def run(
+        self, inputs: dict[str, Any], slot: _Slot, *, exact: bool, pab: tuple[SlotState, frozenset[str]] | None = None
+    ) -> Any:
+        """One call: exact on the whole latent, or pipelined over the patches; with ``pab``
+        (PAB's slot and reused kinds) the stage graphs run as PAB variants."""
         flat = list(fx_pytree.tree_flatten_spec(([], dict(inputs)), self.in_spec))
         device = next((x.device for x in flat if isinstance(x, torch.Tensor)), torch.device("cpu"))
         g = self.graphs
@@ -420,7 +514,7 @@ class PipeFusionProgram:
             if not first:
                 specs = self._recv_specs(graph)
                 acts = [self._wait(b, w) for b, w in self._irecv(specs, device)]
-            outs = list(graph.gm(*acts, *body_prepared))
+            outs = self._run_stage_graph(EXACT_GRAPH, graph, pab, [*acts, *body_prepared])
             n_out = len(outs) - 2 * len(graph.cache_sites)
             slot.kv = [t.contiguous() for t in outs[n_out:]]
             stage_out = outs[:n_out]
@@ -437,7 +531,7 @@ class PipeFusionProgram:
             start = 0
             for i, pg in enumerate(g.patches):
                 acts = [self._wait(b, w) for b, w in received[i]] if not first else []
-                outs = list(pg.gm(*acts, *body_prepared, *slot.kv))
+                outs = self._run_stage_graph(patch_key(i), pg, pab, [*acts, *body_prepared, *slot.kv])
                 n_out = len(outs) - 2 * len(pg.cache_sites)
                 slot.kv = outs[n_out:]
                 stage_out = outs[:n_out]
@@ -457,6 +551,15 @@ class PipeFusionProgram:
         if self.out_spec is not None:
             return pytree.tree_unflatten(leaves, self.out_spec)
         return tuple(leaves)
+
+    def _run_stage_graph(
+        self, key: str, pg: PatchGraph, pab: tuple[SlotState, frozenset[str]] | None, args: list[Any]
+    ) -> list[Any]:
+        """``pg``'s outputs and K/V, through its PAB variant when PAB decided this call."""
+        if pab is None or self.pab is None:
+            return list(pg.gm(*args))
+        pab_slot, reuse = pab
+        return list(self.pab.state.run(pab_slot, key, self.pab.variants[key](reuse), args))
 
     @staticmethod
     def _wait(buf: torch.Tensor, work) -> torch.Tensor:
@@ -490,6 +593,8 @@ class PipeFusionProgram:
     def reset_state(self) -> None:
         self.slots.clear()
         self.steps = 0
+        if self.pab is not None:
+            self.pab.state.reset()
 
     def reset(self) -> None:
         self.tracker.reset()
@@ -517,7 +622,7 @@ class PipeFusionProgram:
             f"{k}: {blocks[0]}..{blocks[-1]} ({len(blocks)} blocks, {b * mib:.2f} MiB)" if blocks else f"{k}: -"
             for k, (blocks, b) in enumerate(zip(f["stage_blocks"], stage_params))
         )
-        return {
+        lines = {
             "pipefusion": (
                 f"{self.stages} stages, this rank runs stage {self.stage}; {self.config.patches} patches along "
                 f"{f['axis']} (sizes {f['sizes']}); warmup {self.config.warmup_steps} exact steps"
@@ -531,3 +636,6 @@ class PipeFusionProgram:
             "pipefusion calls": f"exact {self.counts['exact']}, pipelined {self.counts['pipelined']}; "
             f"K/V cache {self.cache_bytes() * mib:.2f} MiB",
         }
+        if self.pab is not None:
+            lines.update(self.pab.summary())
+        return lines

@@ -12,8 +12,9 @@ import dataclasses
 import logging
 import os
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable, Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -62,14 +63,14 @@ class GraphProgram:
 def build_program(gm: torch.fx.GraphModule, ctx: PassContext, options: PipelineOptions) -> Program:
     """The program that runs a rewritten graph: plain, or with step state (PAB, PipeFusion)."""
     if ctx.mesh.pipefusion > 1:
+        # Cuts the marked graph into this rank's stage; PAB, if set, specializes the stage graphs.
         from vdopt.config import PipeFusionConfig
-        from vdopt.pipefusion import PipeFusionProgram  # cuts the marked graph into this rank's stage
+        from vdopt.pipefusion import PipeFusionProgram
 
-        if options.pab is not None:
-            log.warning("PAB is not combined with PipeFusion yet: running PipeFusion without PAB")
-        return PipeFusionProgram.from_graph(gm, ctx, options.pipefusion or PipeFusionConfig())
+        return PipeFusionProgram.from_graph(gm, ctx, options.pipefusion or PipeFusionConfig(), pab=options.pab)
     if options.pab is not None:
-        from vdopt.pab import PABProgram  # specializes the final per-rank graph, after every pass
+        # Specializes the final per-rank graph, after every pass.
+        from vdopt.pab import PABProgram
 
         return PABProgram.from_graph(gm, ctx, options.pab, compile=options.compile)
     return GraphProgram(compile_graph(gm, ctx.device, enabled=options.compile, name="main"))

@@ -39,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     try:
         module = harness()
     except ValueError as e:
-        p.set_defaults(func=lambda args: _missing(e))
+        p.set_defaults(func=functools.partial(_missing, e))
         return
     module.add_arguments(p)
     p.set_defaults(func=functools.partial(_run, module))
@@ -50,5 +50,5 @@ def _run(module: ModuleType, args: argparse.Namespace) -> int:
     return 0
 
 
-def _missing(error: ValueError) -> int:
+def _missing(error: ValueError, args: argparse.Namespace) -> int:
     raise error
