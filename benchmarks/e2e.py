@@ -48,6 +48,7 @@ import math
 import os
 import platform
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -282,7 +283,8 @@ def worker(method: str, cfg: BenchConfig, out: Path, spawn_time: float, extra: d
         else:
             raise ValueError(f"unknown method {method!r}")
     result["setup_s"] = time.perf_counter() - setup_start
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    # From torchrun's environment: the process group may only start on the first call.
+    rank = int(os.environ.get("RANK", 0))
     first: dict[str, float] = {}
 
     def on_first() -> None:
@@ -390,7 +392,7 @@ class Worker:
             if self.proc.poll() is not None and not done.exists():
                 raise RuntimeError(f"{self.method} exited: {self.log_tail()}")
             if time.monotonic() > deadline:
-                self.proc.kill()
+                self.kill()
                 raise RuntimeError(f"{self.method}: no answer to {command!r} in {self.timeout:.0f} s")
             time.sleep(0.02)
         return json.loads(done.read_text())
@@ -401,12 +403,20 @@ class Worker:
         return json.loads((self.dir / "result.json").read_text())
 
     def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
+        """Kill the worker and, under torchrun, every rank it started (its own session)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
 
     def log_tail(self) -> str:
+        """The last Python traceback in the worker's log (torchrun prints its own summary
+        after it, which names no cause), else the log's last lines; the cause comes last."""
         path = self.dir / "log.txt"
         lines = path.read_text(errors="replace").strip().splitlines() if path.exists() else []
+        starts = [i for i, line in enumerate(lines) if "Traceback (most recent call last)" in line]
+        if starts:
+            tb = lines[starts[-1]:]
+            end = next((i for i, line in enumerate(tb) if i and line and not line[0].isspace()), len(tb) - 1)
+            return "\n".join(tb[: end + 1][-30:])
         return "\n".join(lines[-12:]) or "no output"
 
 
@@ -420,7 +430,7 @@ def _launch(argv: list[str], ranks: int, threads: int, log_path: Path) -> subpro
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     with open(log_path, "w") as log_file:
-        return subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        return subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def _run_one_shot(argv: list[str], threads: int, log_path: Path, timeout: float) -> tuple[bool, str]:
@@ -492,7 +502,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--meshes", default=None,
                    help="parallel meshes, ';'-separated (e.g. 'ulysses=2;ring=2'); default ulysses=2 when 2 ranks fit, 'none' for none")
     p.add_argument("--artifact", default=None,
-                   help="method to save and load as AOT artifacts (default: vdopt on the CPU, vdopt_pab_triton on CUDA; 'none' to skip)")
+                   help="method to save and load as AOT artifacts (default: vdopt_pab on the CPU, vdopt_pab_triton on CUDA; 'none' to skip)")
     p.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
                    help="time the methods round by round with every worker up (default: on the CPU only)")
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory")
@@ -546,7 +556,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         meshes = [{"ulysses": 2}] if ranks_available >= 2 else []
     else:
         meshes = [] if args.meshes == "none" else parse_meshes(args.meshes)
-    artifact_of = args.artifact or ("vdopt_pab_triton" if cuda else "vdopt")
+    artifact_of = args.artifact or ("vdopt_pab_triton" if cuda else "vdopt_pab")
 
     # (name, ranks, extra) of every method to run; skipped ones get their reason now.
     results: dict[str, dict[str, Any]] = {}
@@ -597,7 +607,8 @@ def _run_all(plan, cfg: BenchConfig, scratch: Path, timeout: float, interleave: 
     def fail(name: str, error: Exception) -> None:
         log.warning("%s failed: %s", name, error)
         results[name] = {"method": name, "skipped": f"failed: {str(error).strip().splitlines()[-1]}"}
-        live.pop(name).kill()
+        if name in live:
+            live.pop(name).kill()
 
     def finish(name: str) -> None:
         w = live.pop(name)

@@ -25,7 +25,7 @@ per-rank compute measured on a fake group (one thread) and the link measured wit
 all-to-alls between two local processes, against the measured per-call time of a real
 2-rank gloo run.
 
-Results: ``benchmarks/results/scaling_wan1.3b.{json,md,png}``.
+Results: ``benchmarks/results/scaling_wan1-3b_<frames>x<height>x<width>.{json,md,png}``.
 """
 
 from __future__ import annotations
@@ -397,7 +397,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         log.info("2-rank gloo check at the mid-size config")
         report["gloo_check"] = gloo_check(e2e.BenchConfig(), args.check_calls)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"scaling_wan1.3b_{args.frames}x{args.height}x{args.width}"
+    stem = args.out / f"scaling_wan1-3b_{args.frames}x{args.height}x{args.width}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     stem.with_suffix(".md").write_text(markdown(report))
     plot(report, stem.with_suffix(".png"))

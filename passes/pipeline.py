@@ -8,6 +8,7 @@ from vdopt.config import PABConfig, PipeFusionConfig
 from vdopt.mesh import Mesh
 from vdopt.passes.base import GraphPass
 from vdopt.passes.cfg_parallel import CFGParallel
+from vdopt.passes.drop_noops import DropNoOps
 from vdopt.passes.sequence_parallel import SequenceParallel
 from vdopt.passes.sdpa_to_triton import SdpaToTriton
 from vdopt.passes.simplify_layout import SimplifyLayout
@@ -43,7 +44,8 @@ def build_pipeline(options: PipelineOptions) -> list[GraphPass]:
             + ", ".join(f"{a}={d}" for a, d in unsupported.items())
             + f"; supported axes: {sorted(SUPPORTED_AXES) or 'none (one device only)'}"
         )
-    passes: list[GraphPass] = [SimplifyLayout()]
+    # DropNoOps right after: every later pass sees neither export's asserts nor identity casts
+    passes: list[GraphPass] = [SimplifyLayout(), DropNoOps()]
     if options.mesh.pipefusion > 1:
         # first, so later passes see the stage markers as opaque ops
         balance = options.pipefusion.balance if options.pipefusion is not None else "flops"
