@@ -62,3 +62,36 @@ def call_function_nodes(graph: torch.fx.Graph, *targets: Callable) -> list[torch
     """All ``call_function`` nodes whose target is one of ``targets``, in graph order."""
     wanted = set(targets)
     return [n for n in graph.nodes if n.op == "call_function" and n.target in wanted]
+
+
+def refresh_values(graph: torch.fx.Graph, changed: set[torch.fx.Node]) -> None:
+    """Recompute ``meta["val"]`` downstream of ``changed`` nodes whose inputs were rewired.
+
+    A rewrite that hands a node an input with other strides leaves its recorded value stale;
+    this walks forward in graph order and re-propagates every node that reads a changed node,
+    stopping where the value comes out the same (shape, dtype and strides).
+    """
+    if not changed:
+        return
+    pending = set(changed)
+    for node in graph.nodes:
+        if node.op != "call_function" or not (node in pending or any(a in pending for a in node.all_input_nodes)):
+            continue
+        old = node.meta.get("val")
+        new = propagate_value(graph, node.target, node.args, node.kwargs)
+        node.meta["val"] = new
+        if _same_layout(old, new):
+            pending.discard(node)
+        else:
+            pending.add(node)
+
+
+def _same_layout(a: Any, b: Any) -> bool:
+    leaves_a, leaves_b = pytree.tree_leaves(a), pytree.tree_leaves(b)
+    if len(leaves_a) != len(leaves_b):
+        return False
+    return all(
+        not isinstance(x, torch.Tensor)
+        or (isinstance(y, torch.Tensor) and x.shape == y.shape and x.dtype == y.dtype and x.stride() == y.stride())
+        for x, y in zip(leaves_a, leaves_b)
+    )

@@ -13,6 +13,7 @@ from vdopt.passes.sequence_parallel import SequenceParallel
 from vdopt.passes.sdpa_to_triton import SdpaToTriton
 from vdopt.passes.simplify_layout import SimplifyLayout
 from vdopt.passes.stage_split import StageSplit
+from vdopt.passes.temporal_layout import TemporalLayout
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -57,6 +58,8 @@ def build_pipeline(options: PipelineOptions) -> list[GraphPass]:
         passes.append(SequenceParallel())
     # Last: other passes match SDPA nodes. It acts on ctx.kernels (auto: CUDA only).
     passes.append(SdpaToTriton())
+    # Needs the lowered op: only vdopt's kernels read the 5-D views it leaves.
+    passes.append(TemporalLayout())
     return passes
 
 

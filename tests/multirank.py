@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import datetime
 import os
+import queue as queue_module
 import socket
+import time
 import traceback
 from typing import Any, Callable
 
@@ -33,13 +35,29 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, qu
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=pg_timeout))
-        result = fn(rank, world_size, *args)
-        queue.put((rank, "ok", result))
+        report = (rank, "ok", fn(rank, world_size, *args))
     except BaseException:  # report everything, including assertion failures
-        queue.put((rank, "error", traceback.format_exc()))
+        report = (rank, "error", traceback.format_exc())
+    try:
+        queue.put(report)
+        # Flush before tearing down: destroying a group whose peer failed can block while
+        # holding the GIL, which would starve the queue's feeder thread and lose the report.
+        queue.close()
+        queue.join_thread()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _silent_failures(procs: list, reported: dict[int, Any], deadline: float, timeout: float) -> list[str]:
+    """Ranks that died without reporting (a crash in native code), or all of them past the deadline."""
+    dead = [f"rank {r} exited with code {p.exitcode} without reporting (a crash in native code?)"
+            for r, p in enumerate(procs) if r not in reported and p.exitcode not in (None, 0)]
+    if dead:
+        return dead
+    if time.monotonic() > deadline:
+        return [f"ranks {sorted(set(range(len(procs))) - set(reported))} did not finish within {timeout:.0f} s"]
+    return []
 
 
 def run_on_ranks(world_size: int, fn: Callable, *args: Any, timeout: float = 240.0,
@@ -56,14 +74,18 @@ def run_on_ranks(world_size: int, fn: Callable, *args: Any, timeout: float = 240
         p.start()
     results: dict[int, Any] = {}
     errors: list[str] = []
+    deadline = time.monotonic() + timeout
     try:
-        for _ in range(world_size):
-            rank, status, payload = queue.get(timeout=timeout)
+        while len(results) < world_size and not errors:
+            try:
+                rank, status, payload = queue.get(timeout=1.0)
+            except queue_module.Empty:
+                errors.extend(_silent_failures(procs, results, deadline, timeout))
+                continue
             if status == "ok":
                 results[rank] = payload
             else:
                 errors.append(f"rank {rank} failed:\n{payload}")
-                break
     finally:
         for p in procs:
             p.join(timeout=5 if not errors else 1)

@@ -445,7 +445,8 @@ def _save_rank(opt: Any, plans: Sequence[Any], tmp: Path, rank: int, device: tor
                 groups.update(group_names(gm))
                 ep = export_graph(gm)
                 package = tmp / f"plan{index}" / f"{name}.rank{rank}.pt2"
-                torch._inductor.aoti_compile_and_package(ep, package_path=str(package), inductor_configs=PACKAGE_OPTIONS)
+                with _private_inductor_cache(rank, opt.mesh.size):
+                    torch._inductor.aoti_compile_and_package(ep, package_path=str(package), inductor_configs=PACKAGE_OPTIONS)
                 available = exported_constants(ep)
                 constants = {}
                 for fqn in _needed_constants(package, available, name, device):
@@ -465,6 +466,23 @@ def _save_rank(opt: Any, plans: Sequence[Any], tmp: Path, rank: int, device: tor
     torch.save(weights, weights_path)
     return {"rank": rank, "plans": plan_records, "weights": _file_record(tmp, weights_path),
             "groups": groups, "device": device_info(device)}
+
+
+@contextlib.contextmanager
+def _private_inductor_cache(rank: int, world: int):
+    """Give each rank its own Inductor cache directory while it compiles packages.
+
+    Ranks of a symmetric mesh build identical graphs, so AOTInductor writes them to the same
+    cache path; it re-links the ``.so`` in place under a lock but packages it after releasing
+    the lock, so one rank could zip a library that another rank is rewriting.
+    """
+    if world == 1:
+        yield
+        return
+    from torch._inductor.runtime.cache_dir_utils import cache_dir, temporary_cache_dir
+
+    with temporary_cache_dir(os.path.join(cache_dir(), f"vdopt-rank{rank}")):
+        yield
 
 
 def _needed_constants(package: Path, available: Mapping[str, torch.Tensor], name: str, device: torch.device) -> list[str]:
