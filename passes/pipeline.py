@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from vdopt.config import PABConfig, PipeFusionConfig
+from vdopt.kernels.selection import MeasuredChoice
 from vdopt.mesh import Mesh
 from vdopt.passes.base import GraphPass
 from vdopt.passes.cfg_parallel import CFGParallel
@@ -27,7 +28,7 @@ class PipelineOptions:
     pipefusion: PipeFusionConfig | None = None
     """PipeFusion options, or None."""
     kernels: str = "auto"
-    """``auto``, ``triton`` or ``sdpa``."""
+    """``auto`` (CUDA, where measured faster), ``triton`` (every supported site) or ``sdpa``."""
     compile: bool | None = None
     """Run the graphs through Inductor: ``None`` on CUDA only (``vdopt.compile.should_compile``)."""
 
@@ -56,8 +57,9 @@ def build_pipeline(options: PipelineOptions) -> list[GraphPass]:
         passes.append(CFGParallel())
     if options.mesh.sequence_degree > 1:
         passes.append(SequenceParallel())
-    # Last: other passes match SDPA nodes. It acts on ctx.kernels (auto: CUDA only).
-    passes.append(SdpaToTriton())
+    # Last: other passes match SDPA nodes. It acts on ctx.kernels (auto: CUDA only, and only
+    # where the kernel is measured faster; "triton" lowers every supported site).
+    passes.append(SdpaToTriton(choose=MeasuredChoice() if options.kernels == "auto" else None))
     # Needs the lowered op: only vdopt's kernels read the 5-D views it leaves.
     passes.append(TemporalLayout())
     return passes

@@ -10,6 +10,10 @@ pass's stats (``kept_<reason>``).
 
 The new node's output has q's dimension order, as SDPA's does; a site whose recorded SDPA
 output strides differ is kept, so no later ``view`` can break.
+
+With ``choose`` (the pipeline sets it for ``kernels="auto"``: ``kernels/selection.py``), a
+supported site is lowered only where the kernel is measured faster than SDPA on its exact
+inputs; the others are kept as ``slower``, with both times in the report's per-site column.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import logging
 import math
 import operator
 from collections import Counter
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
 import torch.fx
@@ -109,6 +113,10 @@ class SdpaToTriton:
     name: ClassVar[str] = "sdpa_to_triton"
     tier: ClassVar[str] = "exact"
 
+    choose: Callable | None = None
+    """``SiteInputs -> Choice`` deciding per supported site whether the kernel is faster
+    (``vdopt.kernels.selection.MeasuredChoice``); None lowers every supported site."""
+
     def enabled(self, ctx: PassContext) -> bool:
         from vdopt.kernels.dispatch import triton_available
 
@@ -146,10 +154,30 @@ class SdpaToTriton:
         node.replace_all_uses_with(out)
         graph.erase_node(node)
 
+    def _measured(self, site: LoweringSite, timings: dict[torch.fx.Node, str]) -> LoweringSite:
+        """``site``, kept as ``slower`` unless ``choose`` finds the kernel faster."""
+        from vdopt.kernels.selection import SiteInputs
+
+        if site.reason is not None:
+            return site
+        args = sdpa_arguments(site.node)
+        q, k, v = (args[name].meta["val"] for name in ("query", "key", "value"))
+        inputs = SiteInputs(q=q, k=k, v=v, scale=site.scale, mask_batch=site.mask_batch if site.mask is not None else None)
+        try:
+            choice = self.choose(inputs)
+        except Exception as e:  # noqa: BLE001  a kernel that fails here must not fail the capture
+            log.warning("sdpa_to_triton: timing the kernel failed (%s: %s); keeping SDPA", type(e).__name__, e)
+            return dataclasses.replace(site, reason="kernel_error")
+        timings[site.node] = choice.describe()
+        return site if choice.use_kernel else dataclasses.replace(site, reason="slower")
+
     def __call__(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         if not self.enabled(ctx):
             return PassResult(gm=gm, modified=False, stats={})
         sites = find_sdpa_sites(gm.graph)
+        timings: dict[torch.fx.Node, str] = {}
+        if self.choose is not None:
+            sites = [self._measured(site, timings) for site in sites]
         kept = Counter(site.reason for site in sites if site.reason is not None)
         lowered = [site for site in sites if site.reason is None]
         for site in lowered:
@@ -158,7 +186,8 @@ class SdpaToTriton:
             log.info("sdpa_to_triton kept %d SDPA site(s): %s", sum(kept.values()), dict(kept))
         stats = {"lowered": len(lowered), **{f"kept_{reason}": n for reason, n in sorted(kept.items())}}
         per_site = {
-            site.node.meta[meta.SITE].name: "triton" if site.reason is None else f"sdpa ({site.reason})"
+            site.node.meta[meta.SITE].name: ("triton" if site.reason is None else f"sdpa ({site.reason})")
+            + (f" [{timings[site.node]}]" if site.node in timings else "")
             for site in sites
             if meta.SITE in site.node.meta
         }

@@ -1,6 +1,7 @@
 """The sdpa_to_triton lowering pass on exported tiny models (Triton interpreter on CPU;
 without Triton the lowered op runs the PyTorch reference and the same checks hold)."""
 
+import json
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -144,3 +145,66 @@ def test_optimize_with_triton_kernels_matches_eager(rng_inputs):
     opt = vdopt.optimize(model, kernels="triton")
     torch.testing.assert_close(opt(x, key_mask), ref, atol=1e-5, rtol=1e-5)
     assert "lowered=2" in opt.report()
+
+
+# -- measured choice (kernels="auto" on CUDA) -------------------------------------------------
+
+def test_measured_choice_keeps_sdpa_where_the_kernel_is_slower(tmp_path, rng_inputs):
+    """Real timings: on the CPU the interpreted kernel is far slower than SDPA, so every site
+    stays SDPA, and the times are cached per site signature (one entry for two equal sites)."""
+    from vdopt.kernels.selection import MeasuredChoice
+
+    model = Blocks(SelfAttention(), SelfAttention(), SelfAttention(mask_mode="bool"), SelfAttention(causal=True))
+    x = torch.randn(2, 33, 32, generator=rng_inputs)
+    key_mask = torch.rand(2, 33, generator=rng_inputs) > 0.3
+    gm = export(model, x, key_mask)
+    cache = tmp_path / "choices.json"
+    choose = MeasuredChoice(cache_path=cache, warmup=1, repeats=2)
+    ctx = PassContext(mesh=Mesh(), device=torch.device("cpu"), kernels="triton")
+    result = SdpaToTriton(choose=choose)(gm, ctx)
+
+    assert not result.modified and count(gm, SDPA) == 4
+    assert result.stats == {"lowered": 0, "kept_causal": 1, "kept_slower": 3}
+    entries = json.loads(cache.read_text())
+    assert len(entries) == 2  # unmasked and masked signatures; the second unmasked site reused it
+    assert all(e["kernel_ms"] > e["sdpa_ms"] > 0 for e in entries.values())
+
+
+def test_measured_choice_reads_the_cache_and_lowers_where_the_kernel_wins(tmp_path, rng_inputs):
+    from vdopt.kernels.selection import MeasuredChoice, SiteInputs, site_key
+
+    x = torch.randn(2, 20, 32, generator=rng_inputs)
+    key_mask = torch.ones(2, 20, dtype=torch.bool)
+    model = Blocks(SelfAttention())
+    with torch.no_grad():
+        ref = model(x, key_mask)
+    gm = export(model, x, key_mask)
+    (site,) = find_sdpa_sites(gm.graph)
+    q, k, v = (site.node.args[i].meta["val"] for i in range(3))
+    cache = tmp_path / "choices.json"
+    # As a GPU run would have stored it: the kernel 2x faster for this exact signature.
+    cache.write_text(json.dumps({site_key(SiteInputs(q=q, k=k, v=v, scale=site.scale)): {"sdpa_ms": 2.0, "kernel_ms": 1.0}}))
+    ctx = PassContext(mesh=Mesh(), device=torch.device("cpu"), kernels="triton")
+    result = SdpaToTriton(choose=MeasuredChoice(cache_path=cache))(gm, ctx)
+    gm.recompile()
+    assert result.stats["lowered"] == 1 and count(gm, SDPA) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x, key_mask), ref, atol=1e-5, rtol=1e-5)
+
+    # A corrupt cache is ignored with a warning and rewritten, never fatal.
+    cache.write_text("{not json")
+    gm = export(model, x, key_mask)
+    result = SdpaToTriton(choose=MeasuredChoice(cache_path=cache, warmup=0, repeats=1))(gm, ctx)
+    assert result.stats == {"lowered": 0, "kept_slower": 1}
+    assert len(json.loads(cache.read_text())) == 1
+
+
+def test_a_kernel_that_fails_to_time_keeps_sdpa(rng_inputs):
+    def failing_choice(site):
+        raise RuntimeError("triton compilation failed")  # what a broken kernel build raises
+
+    x = torch.randn(1, 20, 32, generator=rng_inputs)
+    gm = export(Blocks(SelfAttention()), x, torch.ones(1, 20, dtype=torch.bool))
+    ctx = PassContext(mesh=Mesh(), device=torch.device("cpu"), kernels="triton")
+    result = SdpaToTriton(choose=failing_choice)(gm, ctx)
+    assert result.stats == {"lowered": 0, "kept_kernel_error": 1} and count(gm, SDPA) == 1

@@ -36,8 +36,10 @@ def optimize(
         mesh: parallel degrees; ``None`` means one device.
         pab: Pyramid Attention Broadcast settings, or ``None`` for none.
         pipefusion: PipeFusion settings (needs ``mesh.pipefusion > 1``).
-        kernels: ``"auto"`` lowers attention to vdopt's Triton kernels on CUDA only,
-            ``"triton"`` always, ``"sdpa"`` never.
+        kernels: ``"auto"`` lowers an attention site to vdopt's Triton kernels on CUDA only,
+            and only where the kernel is measured faster than SDPA for that site's inputs
+            (timed once per signature and device, cached in ``~/.cache/vdopt``);
+            ``"triton"`` lowers every supported site, ``"sdpa"`` none.
         example_inputs: ``(args, kwargs)`` to capture now instead of at the first call.
         disable_passes: names of passes to skip (see ``opt.report()``).
         compile: run the rewritten graphs through Inductor (``torch.compile``); ``None``
