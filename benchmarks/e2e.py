@@ -203,17 +203,10 @@ def pab_config():
 
 def diffusers_pab(model, clock: dict):
     """``model`` with diffusers' PAB hook (in place) and the hook registry's reset."""
-    from diffusers import PyramidAttentionBroadcastConfig, apply_pyramid_attention_broadcast
+    from diffusers import apply_pyramid_attention_broadcast
     from diffusers.hooks import HookRegistry
 
-    c = pab_config()
-    apply_pyramid_attention_broadcast(model, PyramidAttentionBroadcastConfig(
-        spatial_attention_block_skip_range=c.spatial_range,
-        cross_attention_block_skip_range=c.cross_range,
-        spatial_attention_timestep_skip_range=c.spatial_window,
-        cross_attention_timestep_skip_range=c.cross_window,
-        current_timestep_callback=lambda: clock["t"],
-    ))
+    apply_pyramid_attention_broadcast(model, pab_config().to_diffusers(lambda: clock["t"]))
     return model, lambda: HookRegistry.check_if_exists_or_initialize(model).reset_stateful_hooks()
 
 

@@ -104,10 +104,7 @@ def pab_config(args):
 
 def diffusers_hooked(model: torch.nn.Module, config, clock: dict) -> torch.nn.Module | None:
     """A copy of ``model`` with diffusers' PAB hook, or None if diffusers cannot hook it."""
-    from diffusers import (
-        PyramidAttentionBroadcastConfig,
-        apply_pyramid_attention_broadcast,
-    )
+    from diffusers import apply_pyramid_attention_broadcast
     from diffusers.models.modeling_utils import ModelMixin
 
     if not isinstance(model, ModelMixin) or type(model).__module__.startswith("vdopt"):
@@ -122,19 +119,7 @@ def diffusers_hooked(model: torch.nn.Module, config, clock: dict) -> torch.nn.Mo
             "cross_attention_block_identifiers": (r"^transformer_blocks\.",),
         }
     hooked = copy.deepcopy(model)
-    apply_pyramid_attention_broadcast(
-        hooked,
-        PyramidAttentionBroadcastConfig(
-            spatial_attention_block_skip_range=config.spatial_range,
-            temporal_attention_block_skip_range=config.temporal_range,
-            cross_attention_block_skip_range=config.cross_range,
-            spatial_attention_timestep_skip_range=config.spatial_window,
-            temporal_attention_timestep_skip_range=config.temporal_window,
-            cross_attention_timestep_skip_range=config.cross_window,
-            current_timestep_callback=lambda: clock["t"],
-            **identifiers,
-        ),
-    )
+    apply_pyramid_attention_broadcast(hooked, config.to_diffusers(lambda: clock["t"], **identifiers))
     return hooked
 
 

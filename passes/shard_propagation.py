@@ -179,6 +179,19 @@ def _expanded(dims: Sequence[Dim], shape: Sequence[int], which: Sequence[int]) -
     return out, first
 
 
+def _merge_factors(expanded: Sequence[int], shape: Sequence[int], dims: Sequence[Dim],
+                   first: dict[int, int]) -> list[int]:
+    """Undo ``_expanded``: the shape with each expanded dim's axes (now resized) multiplied back."""
+    merged = []
+    for i, size in enumerate(shape):
+        if i in first:
+            n = len(dims[i].factors) or 1
+            merged.append(math.prod(expanded[first[i]: first[i] + n]))
+        else:
+            merged.append(size)
+    return merged
+
+
 class ShardPropagator:
     """Propagates layouts through a graph; see the module docstring.
 
@@ -482,14 +495,7 @@ class ShardPropagator:
         ye = em.cat(chunks, ax)
         final = list(exp)
         final[ax], final[ay] = sum(x_sizes), y_sizes[me]
-        merged = []
-        for i, size in enumerate(shape):
-            if i in first:
-                n = len(dims[i].factors) or 1
-                merged.append(math.prod(final[first[i]: first[i] + n]))
-            else:
-                merged.append(size)
-        return em.reshape(ye, merged)
+        return em.reshape(ye, _merge_factors(final, shape, dims, first))
 
     def _all_to_all_even(self, xe, exp, ax, ay, shape, dims, first, group: AxisGroup, purpose: str):
         """The same all-to-all when every chunk has the same size: one permute each way."""
@@ -508,14 +514,7 @@ class ShardPropagator:
         final = list(exp)
         final[ay] = exp[ay] // g
         final[ax] = exp[ax] * g
-        merged = []
-        for i, size in enumerate(shape):
-            if i in first:
-                k = len(dims[i].factors) or 1
-                merged.append(math.prod(final[first[i]: first[i] + k]))
-            else:
-                merged.append(size)
-        return em.reshape(ye, merged)
+        return em.reshape(ye, _merge_factors(final, shape, dims, first))
 
     # -- rules -------------------------------------------------------------------------------
     def rule(self, node: torch.fx.Node) -> Any:

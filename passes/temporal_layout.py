@@ -322,7 +322,9 @@ class TemporalLayout:
 
         return SdpaToTriton().enabled(ctx)
 
-    def rewrite(self, graph: torch.fx.Graph, region: TemporalRegion) -> None:
+    def rewrite(self, graph: torch.fx.Graph, region: TemporalRegion) -> set[torch.fx.Node]:
+        """Rewrite ``region``; returns the nodes outside it that now read its tensors (their
+        recorded values have stale strides until ``refresh_values``)."""
         b, hw = region.layout.batch, region.layout.positions
         new: dict[torch.fx.Node, torch.fx.Node] = {region.entry: region.latent}
         rewired: set[torch.fx.Node] = set()  # read the exit, now read the region's own tensor
@@ -376,7 +378,7 @@ class TemporalLayout:
         for node in reversed(region.roles):
             assert not node.users, f"{node} still has users after the temporal rewrite"
             graph.erase_node(node)
-        refresh_values(graph, rewired)
+        return rewired
 
     @staticmethod
     def _relayout(node: torch.fx.Node, role: str, source: torch.fx.Node, layout: TokenLayout) -> tuple:
@@ -399,6 +401,7 @@ class TemporalLayout:
 
         folded, kept = [], Counter()
         erased: set[torch.fx.Node] = set()
+        rewired: set[torch.fx.Node] = set()
         for planned in find_temporal_regions(gm.graph):
             # Regions can touch (one's exit is the next one's entry): plan again on the current graph.
             region = None if planned.entry in erased else temporal_region(planned.entry)
@@ -407,9 +410,10 @@ class TemporalLayout:
             if region.reason is not None:
                 kept[region.reason] += 1
                 continue
-            self.rewrite(gm.graph, region)
+            rewired |= self.rewrite(gm.graph, region)
             erased.update(region.roles)
             folded.append(region)
+        refresh_values(gm.graph, rewired)  # once: planning reads shapes only, which never change
         if kept:
             log.info("temporal_layout kept %d region(s) permuted: %s", sum(kept.values()), dict(kept))
         stats = {

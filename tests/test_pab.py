@@ -112,6 +112,18 @@ class CountingModule(torch.nn.Module):
         return x + 1
 
 
+def test_to_diffusers_gives_the_hook_the_same_schedule():
+    """``PABConfig.to_diffusers`` (used by the benchmarks) against the mapping written out above."""
+    config = vdopt.PABConfig(spatial_range=3, temporal_range=None, cross_range=5, cross_window=(50, 900))
+    got = config.to_diffusers(lambda: 1.0, spatial_attention_block_identifiers=("^x",))
+    assert got.spatial_attention_block_skip_range == 3 and got.temporal_attention_block_skip_range is None
+    assert got.cross_attention_block_skip_range == 5 and got.cross_attention_timestep_skip_range == (50, 900)
+    assert got.spatial_attention_timestep_skip_range == (100, 800) and got.spatial_attention_block_identifiers == ("^x",)
+    assert got.current_timestep_callback() == 1.0
+    with pytest.raises(ValueError, match="mlp_range=None"):
+        vdopt.PABConfig(mlp_range=2).to_diffusers(lambda: 0.0)
+
+
 def test_rule_matches_diffusers_hook():
     """KindRule decides exactly like diffusers' hook, call by call, over schedules that cross
     the window ends (including t equal to an end: outside, the window is open)."""

@@ -32,6 +32,27 @@ class PABConfig:
     mlp_window: tuple[float, float] = (100, 800)
     """Timesteps strictly inside this open interval may reuse the feed-forward output."""
 
+    def to_diffusers(self, current_timestep_callback, **block_identifiers):
+        """The same schedule as diffusers' ``PyramidAttentionBroadcastConfig`` (to run its hook).
+
+        ``block_identifiers`` are passed on (e.g. ``spatial_attention_block_identifiers``).
+        diffusers' PAB has no feed-forward broadcast, so ``mlp_range`` must be None.
+        """
+        from diffusers import PyramidAttentionBroadcastConfig
+
+        if self.mlp_range is not None:
+            raise ValueError("diffusers' PyramidAttentionBroadcastConfig has no MLP broadcast: set mlp_range=None")
+        return PyramidAttentionBroadcastConfig(
+            spatial_attention_block_skip_range=self.spatial_range,
+            temporal_attention_block_skip_range=self.temporal_range,
+            cross_attention_block_skip_range=self.cross_range,
+            spatial_attention_timestep_skip_range=self.spatial_window,
+            temporal_attention_timestep_skip_range=self.temporal_window,
+            cross_attention_timestep_skip_range=self.cross_window,
+            current_timestep_callback=current_timestep_callback,
+            **block_identifiers,
+        )
+
     def __post_init__(self) -> None:
         for field in ("spatial_range", "temporal_range", "cross_range", "mlp_range"):
             value = getattr(self, field)
