@@ -474,7 +474,8 @@ def _private_inductor_cache(rank: int, world: int):
 
     Ranks of a symmetric mesh build identical graphs, so AOTInductor writes them to the same
     cache path; it re-links the ``.so`` in place under a lock but packages it after releasing
-    the lock, so one rank could zip a library that another rank is rewriting.
+    the lock, so one rank could zip a library that another rank is rewriting (a race found by
+    reading the code; not observed).
     """
     if world == 1:
         yield
@@ -795,7 +796,11 @@ class LoadedModel(torch.nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         inputs = bind_saved_call(self.manifest["call"], args, kwargs)
         plan = self._plan_for(inputs)
-        with torch.no_grad():
+        # Below autograd, not just no_grad: AOTInductor runs with the GIL held, and the functional
+        # collectives' autograd kernels are Python, so their tensors get Python objects. A gloo
+        # worker thread dropping such a tensor then waits for the GIL while this thread waits
+        # for that worker inside the package: a deadlock (seen on 2 gloo ranks, torch 2.13).
+        with torch.no_grad(), torch._C._AutoDispatchBelowAutograd():
             return plan.program(inputs)
 
     def _plan_for(self, inputs: dict[str, Any]) -> LoadedPlan:
