@@ -92,7 +92,7 @@ def _single(run: Run, threads: int, queue) -> None:
     model, latents, prompt, _ = e2e.build(run.cfg)
     opt = vdopt.optimize(model)
     x, times = _loop(opt, latents, prompt, run.steps)
-    from vdopt.passes.stage_split import parameter_bytes
+    from vdopt.passes.pipefusion.stage_split import parameter_bytes
 
     params = parameter_bytes(model)
     # numpy, not a tensor: a tensor would travel by a shared-memory handle that dies with this process

@@ -3,22 +3,27 @@
 ``build(name, size)`` returns ``(model, args, kwargs)`` ready for ``model(*args, **kwargs)``.
 """
 
-from .opensora import STDiT3, STDiT3Config
-from .opensora_plan import OpenSoraPlanConfig, OpenSoraPlanT2V
-from .pab_defaults import PAB_DEFAULTS, default_pab_config
-from .zoo import ModelSpec, VideoShape, build, get_spec, list_models, num_tokens
+if __name__ != "vdopt.models":  # imported as a bare 'models' because the repository root is on sys.path
+    from vdopt._bare_import import import_installed_instead
 
-__all__ = [
-    "ModelSpec",
-    "OpenSoraPlanConfig",
-    "OpenSoraPlanT2V",
-    "PAB_DEFAULTS",
-    "STDiT3",
-    "STDiT3Config",
-    "VideoShape",
-    "build",
-    "default_pab_config",
-    "get_spec",
-    "list_models",
-    "num_tokens",
-]
+    import_installed_instead(__name__, __path__)
+else:
+    from vdopt.models.opensora import STDiT3, STDiT3Config
+    from vdopt.models.opensora_plan import OpenSoraPlanConfig, OpenSoraPlanT2V
+    from vdopt.models.pab_defaults import PAB_DEFAULTS, default_pab_config
+    from vdopt.models.zoo import ModelSpec, VideoShape, build, get_spec, list_models, num_tokens
+
+    __all__ = [
+        "ModelSpec",
+        "OpenSoraPlanConfig",
+        "OpenSoraPlanT2V",
+        "PAB_DEFAULTS",
+        "STDiT3",
+        "STDiT3Config",
+        "VideoShape",
+        "build",
+        "default_pab_config",
+        "get_spec",
+        "list_models",
+        "num_tokens",
+    ]

@@ -6,10 +6,10 @@ import pytest
 import torch
 from vdopt.models import build, list_models
 from vdopt.passes.base import PassContext
-from vdopt.passes.drop_noops import DropNoOps, find_noops
+from vdopt.passes.cleanup.drop_noops import DropNoOps, find_noops
 from vdopt.passes.graph_utils import insert_call
 from vdopt.passes.runner import run_passes
-from vdopt.passes.simplify_layout import SimplifyLayout
+from vdopt.passes.cleanup.fold_views import SimplifyLayout
 
 import vdopt
 from vdopt.capture import bind_call, capture

@@ -17,11 +17,11 @@ from diffusers.hooks import HookRegistry
 from diffusers.hooks.pyramid_attention_broadcast import PyramidAttentionBroadcastHook
 from vdopt.models import build
 from vdopt.models.pab_defaults import default_pab_config
-from vdopt.passes.pab_specialize import count_compute
+from vdopt.passes.pab.specialize import count_compute
 
 import vdopt
 from vdopt.capture import bind_call
-from vdopt.pab import KindRule, PABProgram, PABSchedule, StepTracker, read_timestep
+from vdopt.runtime.pab import KindRule, PABProgram, PABSchedule, StepTracker, read_timestep
 
 RTOL = 1e-5
 # A 12-step linear 999 -> 0 schedule: steps 3..9 are inside the (100, 800) windows.

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vdopt.mesh import AxisGroup
-from vdopt.passes.shard_layout import Dim, Factor, Layout, Split, map_reshape
+from vdopt.passes.dims.layout import Dim, Factor, Layout, Split, map_reshape
 from vdopt.ring_attention import attention_with_lse, merge_partial, ring_bytes_sent
 
 RING = AxisGroup(axis="ring", group_name="r", size=2, rank=1)

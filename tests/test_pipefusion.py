@@ -20,10 +20,10 @@ from vdopt.mesh import Mesh
 from vdopt.models import build
 from vdopt.passes.analysis.attention import analyze
 from vdopt.passes.base import PassContext
-from vdopt.passes.patch_shapes import PatchDim, slice_patch, write_patch
+from vdopt.passes.pipefusion.patches import PatchDim, slice_patch, write_patch
 from vdopt.passes.runner import run_passes
-from vdopt.passes.stage_split import StageSplit, balance_stages, is_stage_boundary, split_stages
-from vdopt.pipefusion import PipeFusionProgram
+from vdopt.passes.pipefusion.stage_split import StageSplit, balance_stages, is_stage_boundary, split_stages
+from vdopt.runtime.pipefusion import PipeFusionProgram
 
 from multirank import run_on_ranks
 

@@ -14,7 +14,7 @@ from vdopt.capture import capture
 from vdopt.mesh import Mesh
 from vdopt.passes.base import PassContext, PassResult
 from vdopt.passes.runner import PassError, run_passes
-from vdopt.passes.simplify_layout import SimplifyLayout, find_identity_layouts, find_layout_chains
+from vdopt.passes.cleanup.fold_views import SimplifyLayout, find_identity_layouts, find_layout_chains
 
 
 class LayoutChains(torch.nn.Module):

@@ -14,7 +14,7 @@ import torch.nn.functional as F  # noqa: E402
 import vdopt  # noqa: E402
 from vdopt.mesh import Mesh  # noqa: E402
 from vdopt.passes.base import PassContext  # noqa: E402
-from vdopt.passes.sdpa_to_triton import SdpaToTriton, find_sdpa_sites  # noqa: E402
+from vdopt.passes.lowering.sdpa_to_triton import SdpaToTriton, find_sdpa_sites  # noqa: E402
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 

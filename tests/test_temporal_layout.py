@@ -18,7 +18,7 @@ import vdopt  # noqa: E402
 import vdopt.ops  # noqa: E402,F401  registers torch.ops.vdopt.*
 from vdopt import meta  # noqa: E402
 from vdopt.models import build  # noqa: E402
-from vdopt.passes.temporal_layout import find_temporal_regions  # noqa: E402
+from vdopt.passes.lowering.temporal_layout import find_temporal_regions  # noqa: E402
 
 ATTENTION = torch.ops.vdopt.attention.default
 RESHAPES = {torch.ops.aten.reshape.default, torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default}

@@ -12,8 +12,8 @@ from vdopt.config import PABConfig, PipeFusionConfig
 from vdopt.mesh import Mesh
 from vdopt.passes.analysis.attention import analyze
 from vdopt.passes.analysis.sites import AttentionSite
-from vdopt.passes.pipeline import PipelineOptions
-from vdopt.runtime import OptimizedModel
+from vdopt.passes.order import PipelineOptions
+from vdopt.runtime.executable import OptimizedModel
 
 KERNEL_CHOICES = ("auto", "triton", "sdpa")
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from vdopt.mesh import Mesh
-    from vdopt.runtime import Plan
+    from vdopt.runtime.executable import Plan
 
 
 def table(rows: list[list[Any]], header: list[str]) -> str:

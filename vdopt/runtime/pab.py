@@ -38,7 +38,7 @@ from vdopt.compile import compile_graph, compile_summary
 from vdopt.config import PABConfig
 from vdopt.passes.analysis.sites import AttentionSite
 from vdopt.passes.base import PassContext
-from vdopt.passes.pab_specialize import (
+from vdopt.passes.pab.specialize import (
     PAB_KINDS,
     PABRegion,
     PABSpecialize,

@@ -17,7 +17,7 @@ import torch.fx
 
 from vdopt import meta
 from vdopt.passes.analysis.sites import AttentionSite
-from vdopt.passes.shard_propagation import ShardPropagator
+from vdopt.passes.dims.propagation import ShardPropagator
 
 WANT = {"spatial": "T", "temporal": "S"}
 """Which factor stays split while attention of each kind runs: the one it does not attend over."""

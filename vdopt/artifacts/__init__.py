@@ -153,7 +153,7 @@ def bind_saved_call(params: Sequence[Mapping[str, Any]], args: tuple, kwargs: di
 
 
 def signature_record(key: tuple) -> dict[str, Any]:
-    """JSON form of ``vdopt.runtime.input_key``: the pytree structure and every leaf."""
+    """JSON form of ``vdopt.runtime.executable.input_key``: the pytree structure and every leaf."""
     structure, leaf_keys = key
     leaves = []
     for leaf in leaf_keys:
@@ -185,7 +185,7 @@ def _leaf_text(leaf: Mapping[str, Any]) -> str:
 
 def explain_mismatch(inputs: Mapping[str, Any], got: Mapping[str, Any], saved: Mapping[str, Any]) -> str:
     """How a call's inputs differ from a saved plan's (``signature_record`` of each)."""
-    from vdopt.runtime import describe_inputs
+    from vdopt.runtime.executable import describe_inputs
 
     if got["structure"] != saved["structure"] or len(got["leaves"]) != len(saved["leaves"]):
         names = _argument_names(saved["structure"])
@@ -214,10 +214,10 @@ def program_parts(program: Any) -> tuple[str, dict[str, Any], dict[str, torch.fx
     A plain ``GraphProgram`` is kind ``"graph"`` with one variant, ``main``. Any other program
     takes part by implementing ``variants() -> {name: GraphModule}``, ``schedule_spec() ->
     JSON data`` and a classmethod ``from_spec(spec, runners)`` that rebuilds it over loaded
-    runners with the graphs' call convention (``vdopt.pab.PABProgram`` does).
+    runners with the graphs' call convention (``vdopt.runtime.pab.PABProgram`` does).
     """
     from vdopt.compile import original_graph
-    from vdopt.runtime import GraphProgram
+    from vdopt.runtime.executable import GraphProgram
 
     if isinstance(program, GraphProgram):
         return _PLAIN_PROGRAM, {}, {"main": original_graph(program.gm)}
@@ -234,7 +234,7 @@ def program_parts(program: Any) -> tuple[str, dict[str, Any], dict[str, torch.fx
 
 def rebuild_program(kind: str, spec: Mapping[str, Any], runners: Mapping[str, Callable]) -> Any:
     """The program of a saved plan over loaded runners (inverse of ``program_parts``)."""
-    from vdopt.runtime import GraphProgram
+    from vdopt.runtime.executable import GraphProgram
 
     if kind == _PLAIN_PROGRAM:
         return GraphProgram(runners["main"])
@@ -390,7 +390,7 @@ def save(opt: Any, path: str | os.PathLike) -> Path:
     Every input signature ``opt`` has been called with (or given as ``example_inputs``) is
     saved. With several ranks, ``path`` must be on a filesystem every rank sees.
     """
-    from vdopt.runtime import model_device
+    from vdopt.runtime.executable import model_device
 
     plans = list(opt._plans.items())  # (input key, plan), one per input signature
     if not plans:
@@ -804,7 +804,7 @@ class LoadedModel(torch.nn.Module):
             return plan.program(inputs)
 
     def _plan_for(self, inputs: dict[str, Any]) -> LoadedPlan:
-        from vdopt.runtime import input_key
+        from vdopt.runtime.executable import input_key
 
         got = signature_record(input_key(inputs))
         for plan in self.plans:

@@ -8,13 +8,13 @@ from vdopt.config import PABConfig, PipeFusionConfig
 from vdopt.kernels.selection import MeasuredChoice
 from vdopt.mesh import Mesh
 from vdopt.passes.base import GraphPass
-from vdopt.passes.cfg_parallel import CFGParallel
-from vdopt.passes.drop_noops import DropNoOps
-from vdopt.passes.sequence_parallel import SequenceParallel
-from vdopt.passes.sdpa_to_triton import SdpaToTriton
-from vdopt.passes.simplify_layout import SimplifyLayout
-from vdopt.passes.stage_split import StageSplit
-from vdopt.passes.temporal_layout import TemporalLayout
+from vdopt.passes.parallel.cfg_parallel import CFGParallel
+from vdopt.passes.cleanup.drop_noops import DropNoOps
+from vdopt.passes.parallel.sequence_parallel import SequenceParallel
+from vdopt.passes.lowering.sdpa_to_triton import SdpaToTriton
+from vdopt.passes.cleanup.fold_views import SimplifyLayout
+from vdopt.passes.pipefusion.stage_split import StageSplit
+from vdopt.passes.lowering.temporal_layout import TemporalLayout
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

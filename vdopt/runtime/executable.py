@@ -26,7 +26,7 @@ from vdopt.mesh import Mesh
 from vdopt.passes.analysis.attention import analyze
 from vdopt.passes.analysis.sites import AttentionSite, VideoLayout
 from vdopt.passes.base import PassContext
-from vdopt.passes.pipeline import PipelineOptions, build_pipeline
+from vdopt.passes.order import PipelineOptions, build_pipeline
 from vdopt.passes.runner import PassRecord, run_passes
 
 log = logging.getLogger(__name__)
@@ -65,12 +65,12 @@ def build_program(gm: torch.fx.GraphModule, ctx: PassContext, options: PipelineO
     if ctx.mesh.pipefusion > 1:
         # Cuts the marked graph into this rank's stage; PAB, if set, specializes the stage graphs.
         from vdopt.config import PipeFusionConfig
-        from vdopt.pipefusion import PipeFusionProgram
+        from vdopt.runtime.pipefusion import PipeFusionProgram
 
         return PipeFusionProgram.from_graph(gm, ctx, options.pipefusion or PipeFusionConfig(), pab=options.pab)
     if options.pab is not None:
         # Specializes the final per-rank graph, after every pass.
-        from vdopt.pab import PABProgram
+        from vdopt.runtime.pab import PABProgram
 
         return PABProgram.from_graph(gm, ctx, options.pab, compile=options.compile)
     return GraphProgram(compile_graph(gm, ctx.device, enabled=options.compile, name="main"))

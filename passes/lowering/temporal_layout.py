@@ -318,7 +318,7 @@ class TemporalLayout:
     tier: ClassVar[str] = "exact"
 
     def enabled(self, ctx: PassContext) -> bool:
-        from vdopt.passes.sdpa_to_triton import SdpaToTriton
+        from vdopt.passes.lowering.sdpa_to_triton import SdpaToTriton
 
         return SdpaToTriton().enabled(ctx)
 

@@ -21,7 +21,7 @@ Per call (one denoising step, or one call slot of a step, e.g. cond and uncond):
 The last stage reassembles the patches, runs the epilogue and broadcasts the output, so every
 rank returns the full output. Each rank keeps the K/V cache of its own layers only.
 
-With PAB (``vdopt.pab``), each stage graph (the exact one, and each patch's) is specialized per
+With PAB (``vdopt.runtime.pab``), each stage graph (the exact one, and each patch's) is specialized per
 pattern of reused kinds, as the single-device graph is. A call takes one decision (from its
 timestep and call slot, so the same on every rank) for every stage graph it runs; caches are
 kept per call slot and per stage graph, so a patch replays its own rows. A reused attention
@@ -51,7 +51,7 @@ from torch.utils import _pytree as pytree
 
 from vdopt import meta
 from vdopt.config import PABConfig, PipeFusionConfig
-from vdopt.pab import (
+from vdopt.runtime.pab import (
     GraphVariants,
     PABState,
     SlotState,
@@ -61,7 +61,7 @@ from vdopt.pab import (
 )
 from vdopt.passes.analysis.attention import depends_on_latent
 from vdopt.passes.base import PassContext
-from vdopt.passes.patch_shapes import (
+from vdopt.passes.pipefusion.patches import (
     PatchDim,
     PatchDims,
     PatchError,
@@ -70,7 +70,7 @@ from vdopt.passes.patch_shapes import (
     rewrite_for_patch,
     write_patch,
 )
-from vdopt.passes.stage_split import (
+from vdopt.passes.pipefusion.stage_split import (
     POST,
     PRE,
     extract_graph,

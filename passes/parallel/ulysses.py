@@ -17,8 +17,8 @@ from typing import Callable
 
 import torch.fx
 
-from vdopt.passes.shard_layout import Dim, Factor, Layout
-from vdopt.passes.shard_propagation import NeedGather, ShardPropagator
+from vdopt.passes.dims.layout import Dim, Factor, Layout
+from vdopt.passes.dims.propagation import NeedGather, ShardPropagator
 
 Attend = Callable[[ShardPropagator, torch.fx.Node, str], tuple[torch.fx.Node, Layout, Layout]]
 """``attend(prop, sdpa_node, purpose) -> (result node, its layout, the SDPA node's own layout)``."""

@@ -29,11 +29,11 @@ from vdopt import meta
 from vdopt.collectives import comm_stats, per_purpose_notes, records
 from vdopt.passes.analysis.sites import VideoLayout
 from vdopt.passes.base import PassContext, PassResult
-from vdopt.passes.dsp import WANT, first_split, plan_blocks, switch_axis_hook
-from vdopt.passes.ring import ring_attention
-from vdopt.passes.shard_layout import Dim, Factor, Layout, Split, map_reshape
-from vdopt.passes.shard_propagation import ShardPropagator
-from vdopt.passes.ulysses import ulysses_attention
+from vdopt.passes.parallel.dsp import WANT, first_split, plan_blocks, switch_axis_hook
+from vdopt.passes.parallel.ring import ring_attention
+from vdopt.passes.dims.layout import Dim, Factor, Layout, Split, map_reshape
+from vdopt.passes.dims.propagation import ShardPropagator
+from vdopt.passes.parallel.ulysses import ulysses_attention
 
 _CONVS = {torch.ops.aten.conv2d.default, torch.ops.aten.conv3d.default, torch.ops.aten.convolution.default}
 

@@ -19,9 +19,9 @@ import torch.fx
 
 from vdopt import meta
 from vdopt.collectives import CommRecord
-from vdopt.passes.shard_layout import Dim, Layout
-from vdopt.passes.shard_propagation import NeedGather, ShardPropagator
-from vdopt.passes.ulysses import sequence_factor
+from vdopt.passes.dims.layout import Dim, Layout
+from vdopt.passes.dims.propagation import NeedGather, ShardPropagator
+from vdopt.passes.parallel.ulysses import sequence_factor
 from vdopt.ring_attention import ring_bytes_sent
 
 def _ring_op():

@@ -1,4 +1,4 @@
-"""The ``vdopt`` command: one subcommand per module in ``vdopt.commands``."""
+"""The ``vdopt`` command: one subcommand per module in ``vdopt.cli``."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true", help="log what vdopt does")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
-        importlib.import_module(f"vdopt.commands.{name}").register(sub)
+        importlib.import_module(f"vdopt.cli.{name}").register(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     return int(args.func(args) or 0)

@@ -37,7 +37,7 @@ from torch.utils import _pytree as pytree
 from vdopt import meta
 from vdopt.collectives import ALL_GATHER, ALL_TO_ALL, WAIT, CommRecord
 from vdopt.mesh import AxisGroup
-from vdopt.passes.shard_layout import Dim, Factor, Layout, Split, map_reshape
+from vdopt.passes.dims.layout import Dim, Factor, Layout, Split, map_reshape
 
 log = logging.getLogger(__name__)
 

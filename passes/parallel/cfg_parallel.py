@@ -17,8 +17,8 @@ import torch.fx
 from vdopt import meta
 from vdopt.collectives import comm_stats, records
 from vdopt.passes.base import PassContext, PassResult
-from vdopt.passes.shard_layout import Dim, Factor, Layout, Split
-from vdopt.passes.shard_propagation import ShardPropagator
+from vdopt.passes.dims.layout import Dim, Factor, Layout, Split
+from vdopt.passes.dims.propagation import ShardPropagator
 
 
 def find_batch_inputs(graph: torch.fx.Graph, batch: int) -> list[torch.fx.Node]:

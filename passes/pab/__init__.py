@@ -1,0 +1,1 @@
+"""Pyramid Attention Broadcast: the graph specialization per pattern of reused attention kinds."""

@@ -1,0 +1,1 @@
+"""Parallel strategies: Ulysses, Ring, USP, DSP (sequence parallel) and CFG parallel."""

@@ -1,0 +1,1 @@
+"""PipeFusion: stage split at block boundaries and the per-patch graph rewrite."""

@@ -1,0 +1,7 @@
+"""``python -m vdopt``: the same as the ``vdopt`` command."""
+
+import sys
+
+from vdopt.cli import main
+
+sys.exit(main())

@@ -1,1 +1,0 @@
-"""Subcommands of the ``vdopt`` CLI (one module each, registered in ``vdopt.cli``)."""
