@@ -1,40 +1,35 @@
-"""Attention kernels on the video-DiT shapes of shared/ANCHORS.md, measured in one run.
+"""Attention kernels on the attention shapes of published video DiTs, measured in one run.
 
-    python benchmarks/attention.py                 # GPU: every anchor shape, bf16
-    python benchmarks/attention.py --smoke         # CPU toy sizes under the Triton interpreter
+    python benchmarks/attention.py                 # GPU: every shape below, bf16
+    python benchmarks/attention.py --quick         # CPU toy sizes under the Triton interpreter (alias --smoke)
 
 For every shape it times vdopt's kernel against SDPA's cuDNN and flash backends and, when the
 ``flash_attn`` wheel with the CuTe interface is installed, FlashAttention-4. Compute-bound
 shapes report TFLOP/s (4*B*N*Sq*Skv*D / time), short-sequence shapes also GB/s of Q, K, V and
 O moved. Each backend's relative error is ``||out - ref|| / ||ref||`` against an fp32
-reference on a slice of heads and query rows (all keys). Results go to
-``benchmarks/results/attention.json`` and ``attention.png`` with device, versions and date.
+reference on a slice of heads and query rows (all keys). Results go to ``--out`` (default
+``./vdopt-results``) as ``attention.json`` and ``attention.png`` with device, versions and date.
+Each shape row also keeps reference figures measured on an H100 (``anchor``).
 
 Inputs are (B, S, N, D) tensors viewed as (B, N, S, D), the layout the models produce.
 ``--smoke`` shrinks every shape, runs on CPU (SDPA's math backend stands in for the GPU
-backends) and writes to a temporary directory unless ``--out`` is given, so CPU timings are
-never mistaken for GPU numbers.
+backends) and writes ``attention_smoke.*``, so CPU timings are never mistaken for GPU numbers.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import json
 import logging
 import os
-import platform
-import statistics
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Callable
 
-log = logging.getLogger("vdopt.benchmarks.attention")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+log = logging.getLogger("vdopt.benchmarks.attention")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +41,7 @@ class Shape:
     head_dim: int
     model: str
     anchor: dict
-    """Numbers from ANCHORS.md (TFLOP/s, or ms for the short-sequence shapes)."""
+    """Reference figures measured on an H100 (TFLOP/s, or ms for the short-sequence shapes)."""
 
     @property
     def flops(self) -> float:
@@ -138,13 +133,7 @@ def time_ms(fn: Callable, device: str, reps: int) -> float:
         import triton.testing
 
         return float(triton.testing.do_bench(fn, warmup=25, rep=max(100, reps * 10), return_mode="median"))
-    fn()
-    samples = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
+    return 1e3 * harness.median_seconds(fn, calls=reps, device=device)
 
 
 def relative_error(out, q, k, v, max_heads: int = 2, max_rows: int = 1024) -> float:
@@ -200,30 +189,18 @@ def _describe(result: dict, shape: Shape) -> str:
 
 
 def environment(device: str) -> dict:
+    """The harness stamp plus what attention timings depend on (cuDNN, the Triton interpreter)."""
     import torch
 
-    info = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
-        "torch": torch.__version__,
-        "python": platform.python_version(),
+    return {
+        **harness.stamp(device),
         "cudnn": torch.backends.cudnn.version() if device == "cuda" else None,
         "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
     }
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except ImportError:
-        info["triton"] = None
-    return info
 
 
 def plot(rows: list[dict], path: Path, title: str, *, bandwidth_ceiling: float | None) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = harness.pyplot()
 
     compute = [r for r in rows if r["kv_len"] > 64]
     memory = [r for r in rows if r["kv_len"] <= 64]
@@ -238,7 +215,7 @@ def plot(rows: list[dict], path: Path, title: str, *, bandwidth_ceiling: float |
         ax.set_xticklabels([r["model"] for r in group], rotation=30, ha="right", fontsize=8)
         ax.set_ylabel(unit)
     if bandwidth_ceiling:
-        axes[1].axhline(bandwidth_ceiling, color="gray", linestyle="--", linewidth=1, label="H100 copy ceiling (ANCHORS.md)")
+        axes[1].axhline(bandwidth_ceiling, color="gray", linestyle="--", linewidth=1, label="H100 copy ceiling (~3000 GB/s)")
     axes[0].legend(fontsize=8)
     axes[1].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
@@ -249,13 +226,15 @@ def plot(rows: list[dict], path: Path, title: str, *, bandwidth_ceiling: float |
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="CPU toy sizes under the Triton interpreter")
-    parser.add_argument("--out", type=Path, default=None, help="output directory")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    parser.add_argument("--only", default=None, help="substring of the model names to run")
-    parser.add_argument("--reps", type=int, default=5, help="timed repetitions on CPU")
+    parser.add_argument("--smoke", "--quick", action="store_true",
+                        help="CPU toy sizes under the Triton interpreter (a smoke run, not GPU figures)")
+    harness.add_out_argument(parser)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                        help="dtype of Q, K and V on the GPU (default bfloat16; CPU smoke runs use float32)")
+    parser.add_argument("--only", default=None, help="run only the shapes whose model name contains this text")
+    parser.add_argument("--reps", type=int, default=5, help="timed repetitions per backend on the CPU (default 5)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    harness.configure_logging()
 
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel modules load
@@ -270,18 +249,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         shapes = [s.shrunk() for s in shapes]
 
-    out_dir = args.out or (Path(tempfile.mkdtemp(prefix="vdopt-attention-smoke-")) if args.smoke else RESULTS_DIR)
-    out_dir.mkdir(parents=True, exist_ok=True)
     stem = "attention_smoke" if args.smoke else "attention"
     rows = measure(shapes, device, dtype, args.reps)
     env = environment(device)
     report = {"environment": env, "dtype": str(dtype).removeprefix("torch."), "smoke": args.smoke, "shapes": rows}
-    (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=2))
-    title = f"vdopt attention vs baselines, {env['device']}, torch {env['torch']}, triton {env['triton']}, {report['dtype']}"
+    versions = env["versions"]
+    title = (f"vdopt attention vs baselines, {env['device']}, torch {versions['torch']}, "
+             f"triton {versions['triton']}, {report['dtype']}")
     if args.smoke:
         title += " (SMOKE: CPU toy sizes, not GPU numbers)"
-    plot(rows, out_dir / f"{stem}.png", title, bandwidth_ceiling=None if args.smoke else 3000.0)
-    log.info("wrote %s and %s", out_dir / f"{stem}.json", out_dir / f"{stem}.png")
+
+    def draw(report: dict, path: Path) -> None:
+        plot(report["shapes"], path, title, bandwidth_ceiling=None if args.smoke else 3000.0)
+
+    harness.write_results(args.out, stem, report, plot=draw)
     failed = [(r["model"], n) for r in rows for n, res in r["results"].items() if "error" in res and n == "vdopt"]
     return 1 if failed else 0
 

@@ -28,8 +28,10 @@ the minimum, and speed-ups are computed from the minimum (the least-disturbed ru
 CPU the default clock is this process's CPU time with one thread (``time.process_time``):
 on a shared machine wall time mostly measures the other processes; wall times are kept too.
 
-Results: ``benchmarks/results/pab_<model>_<device>.json`` and ``.png`` with device,
-versions and date. The final latents of ``vdopt_pab`` and ``diffusers_pab`` are compared
+``--quick``: 8 steps, one timed round, a 4x64x64 video: a smoke run, not a measurement.
+
+Results: ``--out`` (default ``./vdopt-results``) gets ``pab_<model>_<device>.json`` and
+``.png`` with device, versions and date. The final latents of ``vdopt_pab`` and ``diffusers_pab`` are compared
 (relative error), so a speed-up never comes from computing something else.
 """
 
@@ -37,12 +39,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
-import json
 import logging
 import os
-import platform
-import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -50,13 +49,18 @@ from typing import Any
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+
 log = logging.getLogger("vdopt.benchmarks.pab")
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
-
-# PAB settings, by name: "anchors" is the diffusers-hook baseline of ANCHORS.md (spatial 2,
-# temporal 4, cross 6 over (100, 800)); "paper" is the model's default (models/pab_defaults.py).
+# PAB settings, by name: "anchors" is the diffusers-hook baseline (spatial every 2nd, temporal
+# every 4th, cross every 6th call over (100, 800)); "paper" is the model's default
+# (vdopt.models.pab_defaults).
 PAB_SETTINGS = ("anchors", "paper")
+
+QUICK = {"steps": 8, "warmup_steps": 1, "repeats": 1, "frames": 4, "height": 64, "width": 64}
+"""``--quick``: a smoke run (seconds, not a measurement); explicit options override it."""
 
 
 def build_model(args) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -123,16 +127,11 @@ def diffusers_hooked(model: torch.nn.Module, config, clock: dict) -> torch.nn.Mo
     return hooked
 
 
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def generate(fn: Callable, inputs: dict, timesteps: list[float], clock: dict, device: str) -> tuple[float, float, torch.Tensor]:
     """Wall seconds and this process's CPU seconds for one generation, and the final latent."""
     x = inputs["hidden_states"]
     batch = x.shape[0]
-    sync(device)
+    harness.sync(device)
     start, start_cpu = time.perf_counter(), time.process_time()
     with torch.no_grad():
         for t in timesteps:
@@ -140,42 +139,12 @@ def generate(fn: Callable, inputs: dict, timesteps: list[float], clock: dict, de
             ts = torch.full((batch,), t, device=x.device)
             out = fn(**{**inputs, "hidden_states": x, "timestep": ts})[0]
             x = x - 0.02 * out.narrow(1, 0, x.shape[1]).to(x.dtype)
-    sync(device)
+    harness.sync(device)
     return time.perf_counter() - start, time.process_time() - start_cpu, x
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
-
-def versions() -> dict[str, str]:
-    import diffusers
-
-    import vdopt
-
-    out = {"torch": torch.__version__, "diffusers": diffusers.__version__, "vdopt": vdopt.__version__,
-           "python": platform.python_version()}
-    try:
-        import triton
-
-        out["triton"] = triton.__version__
-    except ImportError:
-        pass
-    return out
-
-
-def device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
-
-
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = harness.pyplot()
 
     methods = list(result["methods"])
     per_step = [result["methods"][m]["seconds_per_step"] * 1e3 for m in methods]
@@ -195,29 +164,35 @@ def plot(result: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="latte-mid", help="latte-mid (CPU default) or a zoo name")
-    parser.add_argument("--size", default="full", help="zoo size for zoo models")
-    parser.add_argument("--frames", type=int, default=None)
-    parser.add_argument("--height", type=int, default=None)
-    parser.add_argument("--width", type=int, default=None)
-    parser.add_argument("--text-len", type=int, default=32, help="caption tokens (latte-mid)")
-    parser.add_argument("--batch", type=int, default=2, help="2 = batched CFG pair")
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--warmup-steps", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds: generations timed per method")
-    parser.add_argument("--pab", choices=PAB_SETTINGS, default="anchors")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads")
+    parser.add_argument("--quick", action="store_true", help="a smoke run of a few seconds: 8 steps, one round, 4x64x64 video")
+    parser.add_argument("--model", default="latte-mid", help="latte-mid (the CPU default: Latte-1 at 4 layers of width 256) or a zoo name")
+    parser.add_argument("--size", default="full", help="zoo configuration for zoo models: tiny or full (default full)")
+    parser.add_argument("--frames", type=int, default=None, help="video frames (latte-mid default 8)")
+    parser.add_argument("--height", type=int, default=None, help="video height in pixels (latte-mid default 128)")
+    parser.add_argument("--width", type=int, default=None, help="video width in pixels (latte-mid default 128)")
+    parser.add_argument("--text-len", type=int, default=32, help="caption tokens of latte-mid (default 32)")
+    parser.add_argument("--batch", type=int, default=2, help="batch size; 2 is a batched cond/uncond pair (default 2)")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps per generation (default 50)")
+    parser.add_argument("--warmup-steps", type=int, default=None, help="untimed steps per method before timing (default 3)")
+    parser.add_argument("--repeats", type=int, default=None, help="interleaved rounds: generations timed per method (default 3)")
+    parser.add_argument("--pab", choices=PAB_SETTINGS, default="anchors",
+                        help="anchors: spatial 2, temporal 4, cross 6 over (100, 800); paper: the model's published setting")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--dtype", default="float32", help="weights and activations (default float32)")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
     parser.add_argument("--clock", choices=("auto", "wall", "cpu"), default="auto",
                         help="what speed-ups are computed from; auto: CPU time on the CPU, wall time on CUDA")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs (default 0)")
+    harness.add_out_argument(parser)
     args = parser.parse_args(argv)
+    defaults = {"steps": 50, "warmup_steps": 3, "repeats": 3}
+    for key in ("steps", "warmup_steps", "repeats", "frames", "height", "width"):
+        if getattr(args, key) is None:
+            setattr(args, key, (QUICK if args.quick else defaults).get(key))
     if args.model == "latte-mid":
         args.frames, args.height, args.width = args.frames or 8, args.height or 128, args.width or 128
     torch.set_num_threads(args.threads)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    harness.configure_logging()
 
     from diffusers.hooks import HookRegistry
 
@@ -242,10 +217,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     result: dict[str, Any] = {
         "benchmark": "pab",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": device_name(args.device),
+        **harness.stamp(args.device),
+        "threads": torch.get_num_threads(),
         "load_average_at_start": list(os.getloadavg()),
-        "versions": versions(),
         "model": args.model,
         "shape": f"batch {inputs['hidden_states'].shape[0]}, latent {tuple(inputs['hidden_states'].shape[1:])}",
         "dtype": args.dtype,
@@ -257,42 +231,46 @@ def main(argv: list[str] | None = None) -> dict:
     clock_kind = args.clock if args.clock != "auto" else ("wall" if args.device.startswith("cuda") else "cpu")
     result["clock"] = clock_kind
     finals: dict[str, torch.Tensor] = {}
-    times: dict[str, list[float]] = {name: [] for name in methods}
     walls: dict[str, list[float]] = {name: [] for name in methods}
-    for name, (fn, reset) in methods.items():
-        reset()
-        generate(fn, inputs, warmup, clock, args.device)
-    for round_ in range(args.repeats):
-        for name, (fn, reset) in methods.items():
+
+    def generation(name: str, steps: list[float], record: bool) -> Callable[[], float]:
+        fn, reset = methods[name]
+
+        def run() -> float:
             reset()
-            wall, cpu, finals[name] = generate(fn, inputs, timesteps, clock, args.device)
-            times[name].append(cpu if clock_kind == "cpu" else wall)
-            walls[name].append(wall)
-            log.info("round %d %-14s %8.2f s wall, %8.2f s CPU", round_, name, wall, cpu)
+            wall, cpu, final = generate(fn, inputs, steps, clock, args.device)
+            if record:
+                finals[name] = final
+                walls[name].append(wall)
+            return cpu if clock_kind == "cpu" else wall
+
+        return run
+
+    harness.warm_up({name: generation(name, warmup, record=False) for name in methods})
+    times = harness.timing_rounds(
+        {name: generation(name, timesteps, record=True) for name in methods}, repeats=args.repeats,
+        on_time=lambda r, name, t: log.info("round %d %-14s %8.2f s %s (%.2f s wall)", r, name, t, clock_kind, walls[name][-1]),
+    )
     for name, all_times in times.items():
-        best = min(all_times)
-        result["methods"][name] = {
-            "seconds": best, "seconds_median": statistics.median(all_times), "seconds_all": all_times,
-            "seconds_per_step": best / args.steps, "wall_seconds_all": walls[name],
-        }
-        log.info("%-14s %8.2f %s s  (%.1f ms/step, best of %d)", name, best, clock_kind, 1e3 * best / args.steps, len(all_times))
+        entry = harness.summary(all_times)
+        entry.update(seconds_per_step=entry["seconds"] / args.steps, wall_seconds_all=walls[name])
+        result["methods"][name] = entry
+        log.info("%-14s %8.2f %s s  (%.1f ms/step, best of %d)", name, entry["seconds"], clock_kind,
+                 1e3 * entry["seconds_per_step"], len(all_times))
 
     eager = result["methods"]["eager"]["seconds"]
     for name, entry in result["methods"].items():
         entry["speedup_vs_eager"] = eager / entry["seconds"]
     if "diffusers_pab" in result["methods"]:
         result["vdopt_pab_vs_diffusers_pab"] = result["methods"]["diffusers_pab"]["seconds"] / result["methods"]["vdopt_pab"]["seconds"]
-        result["final_latent_rel_err_vdopt_pab_vs_diffusers_pab"] = rel_err(finals["vdopt_pab"], finals["diffusers_pab"])
-    result["final_latent_rel_err_vdopt_vs_eager"] = rel_err(finals["vdopt"], finals["eager"])
-    result["final_latent_rel_err_vdopt_pab_vs_eager"] = rel_err(finals["vdopt_pab"], finals["eager"])
+        result["final_latent_rel_err_vdopt_pab_vs_diffusers_pab"] = harness.relative_error(finals["vdopt_pab"], finals["diffusers_pab"])
+    result["final_latent_rel_err_vdopt_vs_eager"] = harness.relative_error(finals["vdopt"], finals["eager"])
+    result["final_latent_rel_err_vdopt_pab_vs_eager"] = harness.relative_error(finals["vdopt_pab"], finals["eager"])
     result["vdopt_pab_summary"] = opt.plans[0].program.summary()
     result["load_average_at_end"] = list(os.getloadavg())
 
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = f"pab_{args.model}_{args.device.split(':')[0]}"
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    plot(result, args.out / f"{stem}.png")
-    log.info("wrote %s.json and .png to %s", stem, args.out)
+    harness.write_results(args.out, stem, result, plot=plot)
     return result
 
 

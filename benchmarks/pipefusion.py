@@ -21,22 +21,21 @@ Then a projection, **not a measurement**, for Wan2.1-T2V-1.3B at 81x480x832 on G
 ``compute(1) * (M + N - 1) / (N * M)`` (balanced stages, the pipeline filled and drained in
 every call) plus ``N - 1`` point-to-point hops of one patch's activations and the output
 broadcast, each ``latency + bytes / bandwidth`` (scaling.py's link models), with
-``compute(1)`` = ANCHORS.md's diffusers eager call on one H100. The same formula with this
+``compute(1)`` = a measured diffusers eager call on one H100 (``scaling.ANCHOR_STEP_S``). The same formula with this
 CPU's measured single-process step and a measured gloo hop is checked against the measured
 pipefusion=2 step.
 
-Results: ``benchmarks/results/pipefusion_<config>_cpu.{json,md,png}`` with device, versions and
-date. Benchmarks never gate CI.
+``--quick``: 2 blocks, a 5x64x64 video, 4 steps, M = 2 only: a smoke run, not a measurement.
+
+Results: ``--out`` (default ``./vdopt-results``) gets ``pipefusion_<config>_cpu.{json,md,png}``
+with device, versions and date. Benchmarks never gate CI.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import json
 import os
-import socket
 import statistics
 import sys
 import time
@@ -47,15 +46,20 @@ import torch
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import e2e  # noqa: E402  (the mid-size Wan config, its inputs, versions)
+import harness  # noqa: E402
 import scaling  # noqa: E402  (link models and the H100 anchor)
+from e2e_worker import peak_rss_bytes  # noqa: E402
+from e2e_workload import MID_WAN, BenchConfig, build  # noqa: E402  (the mid-size Wan and its inputs)
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+QUICK = {"layers": 2, "frames": 5, "height": 64, "width": 64, "steps": 4, "patches": [2]}
+"""``--quick``: a smoke run; explicit options override it."""
+
+DEFAULTS = {"layers": 8, "frames": 17, "height": 256, "width": 256, "steps": 20, "patches": [2, 4]}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Run:
-    cfg: e2e.BenchConfig
+    cfg: BenchConfig
     """Model and video size (``e2e``'s mid-size Wan)."""
     steps: int
     """Denoising steps per generation."""
@@ -89,7 +93,7 @@ def _single(run: Run, threads: int, queue) -> None:
     torch.set_num_threads(threads)
     import vdopt
 
-    model, latents, prompt, _ = e2e.build(run.cfg)
+    model, latents, prompt, _ = build(run.cfg)
     opt = vdopt.optimize(model)
     x, times = _loop(opt, latents, prompt, run.steps)
     from vdopt.passes.pipefusion.stage_split import parameter_bytes
@@ -97,7 +101,7 @@ def _single(run: Run, threads: int, queue) -> None:
     params = parameter_bytes(model)
     # numpy, not a tensor: a tensor would travel by a shared-memory handle that dies with this process
     queue.put({"times": times, **_summary(times), "latent": x.numpy(), "param_bytes": params, "total_param_bytes": params,
-               "peak_rss_bytes": e2e._peak_rss_bytes()})
+               "peak_rss_bytes": peak_rss_bytes()})
 
 
 def _rank(rank: int, world: int, port: int, run: Run, patches: int, queue) -> None:
@@ -111,7 +115,7 @@ def _rank(rank: int, world: int, port: int, run: Run, patches: int, queue) -> No
     try:
         import vdopt
 
-        model, latents, prompt, _ = e2e.build(run.cfg)
+        model, latents, prompt, _ = build(run.cfg)
         opt = vdopt.optimize(model, vdopt.Mesh(pipefusion=world),
                              pipefusion=vdopt.PipeFusionConfig(patches=patches, warmup_steps=1))
         x, times = _loop(opt, latents, prompt, run.steps, barrier=dist.barrier)
@@ -120,7 +124,7 @@ def _rank(rank: int, world: int, port: int, run: Run, patches: int, queue) -> No
         result = {
             "times": times, **_summary(times), "latent": x.numpy(),
             "param_bytes": program.param_bytes(), "total_param_bytes": program.total_param_bytes,
-            "kv_cache_bytes": program.cache_bytes(), "peak_rss_bytes": e2e._peak_rss_bytes(),
+            "kv_cache_bytes": program.cache_bytes(), "peak_rss_bytes": peak_rss_bytes(),
             "stage_blocks": program.figures["stage_blocks"], "axis": program.figures["axis"],
             "patch_sizes": program.figures["sizes"], "hop_s": hop, "counts": dict(program.counts),
         }
@@ -156,12 +160,6 @@ def _measure_hop(rank: int, program) -> dict[str, float]:
     return {"bytes": int(sizes[0]), "seconds": min(times)}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_single(run: Run, threads: int = 1) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
@@ -175,7 +173,7 @@ def run_single(run: Run, threads: int = 1) -> dict[str, Any]:
 def run_pipefusion(run: Run, patches: int, world: int = 2) -> list[dict[str, Any]]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = harness.free_port()
     procs = [ctx.Process(target=_rank, args=(r, world, port, run, patches, queue)) for r in range(world)]
     for p in procs:
         p.start()
@@ -252,7 +250,7 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "## Projection (not a measurement): Wan2.1-T2V-1.3B, 81x480x832, bf16, GPUs",
         "",
-        f"compute(1) = {scaling.ANCHOR_STEP_S * 1e3:.0f} ms per call (ANCHORS.md, one H100); per call "
+        f"compute(1) = {scaling.ANCHOR_STEP_S * 1e3:.0f} ms per call (diffusers eager, one H100); per call "
         "compute(1)(M+N-1)/(NM) + (N-1) hops of one patch + the output broadcast; no other overlap. "
         "Parameters per rank: about 1/N of the blocks (plus the small prologue/epilogue).",
         "",
@@ -269,10 +267,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = harness.pyplot()
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     names = list(report["methods"])
@@ -295,14 +290,20 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--frames", type=int, default=17)
-    p.add_argument("--height", type=int, default=256)
-    p.add_argument("--width", type=int, default=256)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--patches", type=int, nargs="+", default=[2, 4])
+    p.add_argument("--quick", action="store_true", help="a smoke run: 2 blocks, 5x64x64 video, 4 steps, M = 2 only")
+    p.add_argument("--layers", type=int, default=None, help="transformer blocks of the mid-size Wan (default 8)")
+    p.add_argument("--frames", type=int, default=None, help="video frames in pixel space (default 17)")
+    p.add_argument("--height", type=int, default=None, help="video height in pixels (default 256)")
+    p.add_argument("--width", type=int, default=None, help="video width in pixels (default 256)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default 20)")
+    p.add_argument("--patches", type=int, nargs="+", default=None, help="patch counts M to run, one pipefusion=2 method each (default 2 4)")
+    harness.add_out_argument(p)
     args = p.parse_args(argv)
-    cfg = e2e.BenchConfig(layers=args.layers, frames=args.frames, height=args.height, width=args.width, guidance=1.0)
+    for key in DEFAULTS:
+        if getattr(args, key) is None:
+            setattr(args, key, (QUICK if args.quick else DEFAULTS)[key])
+    harness.configure_logging()
+    cfg = BenchConfig(layers=args.layers, frames=args.frames, height=args.height, width=args.width, guidance=1.0)
     run = Run(cfg=cfg, steps=args.steps)
     single = run_single(run)
     methods: dict[str, Any] = {"single": {k: v for k, v in single.items() if k != "latent"}}
@@ -311,7 +312,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     check = []
     for m in args.patches:
         ranks = run_pipefusion(run, m)
-        err = e2e.rel_err(torch.from_numpy(ranks[0]["latent"]), torch.from_numpy(single["latent"]))
+        err = harness.relative_error(torch.from_numpy(ranks[0]["latent"]), torch.from_numpy(single["latent"]))
         methods[f"pipefusion2_M{m}"] = {
             "step_s_min": ranks[0]["step_s_min"], "step_s_median": ranks[0]["step_s_median"],
             "latent_rel_err": err, "axis": ranks[0]["axis"], "patch_sizes": ranks[0]["patch_sizes"],
@@ -331,22 +332,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     T, H, W = latent[0], latent[1] // 2, latent[2] // 2  # Wan's patch size (1, 2, 2)
     report = {
         "benchmark": "pipefusion",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": e2e.device_name("cpu"),
-        "versions": e2e.versions(),
-        "model": f"Wan2.1 architecture, mid-size {e2e.MID_WAN | {'num_layers': cfg.layers}} (random weights)",
+        **harness.stamp("cpu"),
+        "model": f"Wan2.1 architecture, mid-size {MID_WAN | {'num_layers': cfg.layers}} (random weights)",
         "shape": f"video {cfg.frames}x{cfg.height}x{cfg.width}, token grid T={T} H={H} W={W} ({T * H * W} tokens)",
         "steps": run.steps,
         "methods": methods,
         "formula_check": check,
         "projection": project(),
     }
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS_DIR / f"pipefusion_{cfg.name}_cpu"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    stem.with_suffix(".md").write_text(markdown(report))
-    plot(report, stem.with_suffix(".png"))
-    print(markdown(report))
+    text = markdown(report)
+    harness.write_results(args.out, f"pipefusion_{cfg.name}_cpu", report, markdown=text, plot=plot)
+    print(text)
     return report
 
 

@@ -10,8 +10,8 @@ THIS IS A PROJECTION, not a measurement. Per call of the model on one rank of an
 * per-rank compute: on CUDA, measured: rank 0's rewritten graph of each mesh runs on this
   one GPU over a fake process group (its collectives move nothing, so the time is the
   rank's compute alone, padding and layout changes included). Without a GPU it is
-  compute(1) / N with compute(1) = ANCHORS.md's measured diffusers eager call of
-  Wan2.1-1.3B on one H100 (633 ms, bf16).
+  compute(1) / N with compute(1) = a measured diffusers eager call of Wan2.1-1.3B on one
+  H100 (633 ms, bf16; ``ANCHOR_STEP_S``).
 * ``bytes``: exact, read off the rewritten per-rank graph (``vdopt.collectives``: the bytes
   each collective node sends from this rank per call), built for each mesh on a fake process
   group with the model on the meta device (nothing is allocated or run).
@@ -25,15 +25,16 @@ per-rank compute measured on a fake group (one thread) and the link measured wit
 all-to-alls between two local processes, against the measured per-call time of a real
 2-rank gloo run.
 
-Results: ``benchmarks/results/scaling_wan1-3b_<frames>x<height>x<width>.{json,md,png}``.
+``--quick``: a small video, two meshes and 2 timed calls in the check: a smoke run.
+
+Results: ``--out`` (default ``./vdopt-results``) gets
+``scaling_wan1-3b_<frames>x<height>x<width>.{json,md,png}``.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import json
 import logging
 import os
 import platform
@@ -47,11 +48,11 @@ import torch
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import e2e  # noqa: E402  (the mid-size config and the inputs of the end-to-end benchmark)
+import harness  # noqa: E402
+import e2e_workload  # noqa: E402  (the mid-size config and its inputs)
+from e2e_workload import MID_WAN, BenchConfig  # noqa: E402
 
 log = logging.getLogger("vdopt.benchmarks.scaling")
-
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 LINKS: dict[str, dict[str, Any]] = {
     "NVLink 4 (H100 SXM, NVSwitch)": {
@@ -70,7 +71,11 @@ LINKS: dict[str, dict[str, Any]] = {
 """The stated link models (bandwidth per GPU per direction, latency per collective)."""
 
 ANCHOR_STEP_S = 0.633
-"""ANCHORS.md: diffusers eager Wan2.1-1.3B, 81x480x832, bf16, one H100, seconds per call."""
+"""Measured reference: diffusers eager Wan2.1-1.3B, 81x480x832, bf16, one H100, seconds per call."""
+
+QUICK = {"frames": 17, "height": 128, "width": 128, "meshes": "ulysses=2;ring=2", "check_calls": 2,
+         "check_config": {"layers": 1, "frames": 5, "height": 32, "width": 32, "text_len": 8}}
+"""``--quick``: a smoke run; explicit options override it."""
 
 MESHES = ({"ulysses": 2}, {"ring": 2}, {"ulysses": 4}, {"ring": 4}, {"ulysses": 2, "ring": 2},
           {"ulysses": 8}, {"ring": 8}, {"ulysses": 4, "ring": 2})
@@ -125,8 +130,8 @@ def _model_and_call(spec: dict[str, Any], *, meta: bool):
         model, args, kwargs = build("wan", "full", device="meta" if meta else spec["device"],
                                     dtype=getattr(torch, spec["dtype"]), **spec["shape"])
         return model, bind_call(model, args, kwargs)
-    cfg = e2e.BenchConfig(**spec["config"])
-    model, latents, prompt, _ = e2e.build(cfg)
+    cfg = BenchConfig(**spec["config"])
+    model, latents, prompt, _ = e2e_workload.build(cfg)
     return model, {"hidden_states": latents.to(prompt.dtype), "timestep": torch.tensor([500], device=cfg.device),
                    "encoder_hidden_states": prompt, "return_dict": False}
 
@@ -183,20 +188,9 @@ def project(compute_1: float, graphs: dict[str, dict[str, Any]], meshes) -> list
 
 def _timed(fn, kwargs, calls: int, barrier=None, sync: bool = False) -> float:
     """Median seconds of ``calls`` calls after one untimed call."""
-    times = []
     with torch.no_grad():
-        fn(**kwargs)
-        for _ in range(calls):
-            if barrier:
-                barrier()
-            if sync:
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn(**kwargs)
-            if sync:
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        return harness.median_seconds(lambda: fn(**kwargs), calls=calls, device="cuda" if sync else "cpu",
+                                      before_each=barrier)
 
 
 def _gloo_rank(rank: int, world: int, port: int, cfg, calls: int, queue) -> None:
@@ -270,7 +264,7 @@ def gloo_check(cfg, calls: int) -> dict[str, Any]:
     latency = max(small["seconds"] - small["bytes_sent"] / bandwidth, 0.0)
     comm = comm_seconds(payload["comms"], {"ulysses": 2}, bandwidth, latency)
     return {
-        "config": f"Wan mid-size {e2e.MID_WAN | {'num_layers': cfg.layers}}, video {cfg.frames}x{cfg.height}x{cfg.width}, float32",
+        "config": f"Wan mid-size {MID_WAN | {'num_layers': cfg.layers}}, video {cfg.frames}x{cfg.height}x{cfg.width}, float32",
         "mesh": "ulysses2 (2 gloo processes, 1 thread each, same CPU)",
         "compute_1_s": single, "compute_per_rank_s": rank_graph["compute_s"],
         "link_bandwidth_GBps": bandwidth / 1e9, "link_latency_us": latency * 1e6,
@@ -331,10 +325,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = harness.pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for link in LINKS:
@@ -356,20 +347,26 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--frames", type=int, default=81)
-    parser.add_argument("--height", type=int, default=480)
-    parser.add_argument("--width", type=int, default=832)
-    parser.add_argument("--meshes", default=";".join(",".join(f"{a}={d}" for a, d in m.items()) for m in MESHES),
-                        help="';'-separated meshes, e.g. 'ulysses=2;ring=4;ulysses=4,ring=2'")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run: 17x128x128, meshes ulysses=2 and ring=2, a 1-block check with 2 timed calls")
+    parser.add_argument("--frames", type=int, default=None, help="video frames of the projected Wan2.1-1.3B (default 81)")
+    parser.add_argument("--height", type=int, default=None, help="video height in pixels (default 480)")
+    parser.add_argument("--width", type=int, default=None, help="video width in pixels (default 832)")
+    parser.add_argument("--meshes", default=None,
+                        help="';'-separated meshes, e.g. 'ulysses=2;ring=4;ulysses=4,ring=2' (default: 2 to 8 ranks of ulysses and ring)")
     parser.add_argument("--no-check", action="store_true", help="skip the 2-rank gloo check")
-    parser.add_argument("--check-calls", type=int, default=5, help="timed calls in the gloo check")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--check-calls", type=int, default=None, help="timed calls in the gloo check (default 5)")
+    harness.add_out_argument(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    log.setLevel(logging.INFO)
+    defaults = {"frames": 81, "height": 480, "width": 832, "check_calls": 5,
+                "meshes": ";".join(",".join(f"{a}={d}" for a, d in m.items()) for m in MESHES)}
+    for key, default in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, QUICK[key] if args.quick else default)
+    harness.configure_logging()
 
     shape = {"frames": args.frames, "height": args.height, "width": args.width}
-    meshes = e2e.parse_meshes(args.meshes)
+    meshes = harness.parse_meshes(args.meshes)
     cuda = torch.cuda.is_available()
     spec = {"kind": "full", "shape": shape, "device": "cuda" if cuda else "cpu", "dtype": "bfloat16", "compile": None}
     log.info("rank 0's rewritten graph of %d meshes on a fake process group (%s)", len(meshes),
@@ -380,12 +377,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         source = f"measured here: vdopt compiled, bf16, {torch.cuda.get_device_name()}; per-rank compute measured per mesh"
     else:
         compute_1 = ANCHOR_STEP_S
-        source = "ANCHORS.md: diffusers eager, bf16, one H100 (no GPU here); per-rank compute = compute(1) / N"
+        source = "diffusers eager, bf16, one H100, measured elsewhere (no GPU here); per-rank compute = compute(1) / N"
     report: dict[str, Any] = {
         "benchmark": "scaling projection",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "versions": e2e.versions(),
-        "host": f"{platform.machine()} CPU, {os.cpu_count()} cores" + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
+        **harness.stamp("cuda" if cuda else "cpu"),
+        "host": f"{platform.machine()} CPU, {os.cpu_count()} cores" + (f", {torch.cuda.get_device_name()}" if cuda else ""),
         "model": f"Wan2.1-1.3B, {args.frames}x{args.height}x{args.width}, batch 1",
         "compute_1_s": compute_1,
         "compute_1_source": source,
@@ -395,13 +391,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     if not args.no_check:
         log.info("2-rank gloo check at the mid-size config")
-        report["gloo_check"] = gloo_check(e2e.BenchConfig(), args.check_calls)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"scaling_wan1-3b_{args.frames}x{args.height}x{args.width}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(markdown(report))
-    plot(report, stem.with_suffix(".png"))
-    log.info("wrote %s.{json,md,png}", stem)
+        check_cfg = BenchConfig(**QUICK["check_config"]) if args.quick else BenchConfig()
+        report["gloo_check"] = gloo_check(check_cfg, args.check_calls)
+    harness.write_results(args.out, f"scaling_wan1-3b_{args.frames}x{args.height}x{args.width}", report,
+                          markdown=markdown(report), plot=plot)
     return report
 
 

@@ -11,6 +11,7 @@ else:
     from vdopt.models.opensora import STDiT3, STDiT3Config
     from vdopt.models.opensora_plan import OpenSoraPlanConfig, OpenSoraPlanT2V
     from vdopt.models.pab_defaults import PAB_DEFAULTS, default_pab_config
+    from vdopt.models.upstream import load_upstream
     from vdopt.models.zoo import ModelSpec, VideoShape, build, get_spec, list_models, num_tokens
 
     __all__ = [
@@ -25,5 +26,6 @@ else:
         "default_pab_config",
         "get_spec",
         "list_models",
+        "load_upstream",
         "num_tokens",
     ]

@@ -19,17 +19,22 @@ def fake_value(node_or_value: Any) -> Any:
     return node_or_value
 
 
-def _fake_mode(graph: torch.fx.Graph):
+def fake_mode_of(graph: torch.fx.Graph):
+    """The fake tensor mode of the graph's recorded values."""
     vals = [n.meta.get("val") for n in graph.nodes]
     mode = detect_fake_mode(tuple(v for v in vals if isinstance(v, torch.Tensor)))
     assert mode is not None, "graph has no fake tensor metadata; was it captured by vdopt?"
     return mode
 
 
-def propagate_value(graph: torch.fx.Graph, target: Callable, args: tuple, kwargs: dict) -> Any:
-    """Run ``target`` on the fake values of its arguments to get the new node's ``val``."""
+def propagate_value(graph: torch.fx.Graph, target: Callable, args: tuple, kwargs: dict, *, fake_mode=None) -> Any:
+    """Run ``target`` on the fake values of its arguments to get the new node's ``val``.
+
+    ``fake_mode`` is the graph's (``fake_mode_of``): callers creating many nodes pass it once
+    found, since finding it scans the graph.
+    """
     fake_args, fake_kwargs = pytree.tree_map_only(torch.fx.Node, fake_value, (args, kwargs))
-    with _fake_mode(graph):
+    with fake_mode or fake_mode_of(graph):
         return target(*fake_args, **fake_kwargs)
 
 
@@ -41,15 +46,17 @@ def insert_call(
     *,
     created_by: str,
     like: torch.fx.Node | None = None,
+    fake_mode=None,
 ) -> torch.fx.Node:
     """Create ``call_function`` ``target(*args, **kwargs)`` at the graph's insert point.
 
     The node gets ``meta["val"]`` by fake propagation and ``meta[CREATED_BY]``; metadata that
-    locates it in the model (``nn_module_stack``, block tag) is copied from ``like``.
+    locates it in the model (``nn_module_stack``, block tag) is copied from ``like``. Passes
+    that create many nodes use ``dims.emit.Emitter``, which builds on this.
     """
     kwargs = kwargs or {}
     node = graph.call_function(target, args, kwargs)
-    node.meta["val"] = propagate_value(graph, target, args, kwargs)
+    node.meta["val"] = propagate_value(graph, target, args, kwargs, fake_mode=fake_mode)
     node.meta[meta.CREATED_BY] = created_by
     if like is not None:
         for key in ("nn_module_stack", "stack_trace", meta.BLOCK):
@@ -74,11 +81,12 @@ def refresh_values(graph: torch.fx.Graph, changed: set[torch.fx.Node]) -> None:
     if not changed:
         return
     pending = set(changed)
+    fake_mode = fake_mode_of(graph)
     for node in graph.nodes:
         if node.op != "call_function" or not (node in pending or any(a in pending for a in node.all_input_nodes)):
             continue
         old = node.meta.get("val")
-        new = propagate_value(graph, node.target, node.args, node.kwargs)
+        new = propagate_value(graph, node.target, node.args, node.kwargs, fake_mode=fake_mode)
         node.meta["val"] = new
         if _same_layout(old, new):
             pending.discard(node)

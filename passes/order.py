@@ -1,8 +1,15 @@
-"""Which passes run, in which order, for a given mesh and set of options."""
+"""Which passes run, in which order, for a given mesh and set of options.
+
+``build_pipeline`` lists the passes over the captured graph. After them, features derive
+more graphs from the rewritten one, each by its own passes (run by the runner too):
+PipeFusion's stage cut and patch rewrite, PAB's specialization (``feature_passes``).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+from collections.abc import Iterable
 
 from vdopt.config import PABConfig, PipeFusionConfig
 from vdopt.kernels.selection import MeasuredChoice
@@ -12,9 +19,14 @@ from vdopt.passes.parallel.cfg_parallel import CFGParallel
 from vdopt.passes.cleanup.drop_noops import DropNoOps
 from vdopt.passes.parallel.sequence_parallel import SequenceParallel
 from vdopt.passes.lowering.sdpa_to_triton import SdpaToTriton
-from vdopt.passes.cleanup.fold_views import SimplifyLayout
+from vdopt.passes.cleanup.fold_views import FoldViews
+from vdopt.passes.pab.specialize import PABSpecialize
+from vdopt.passes.pipefusion.patch_rewrite import PatchRewrite
+from vdopt.passes.pipefusion.stage_cut import StageCut
 from vdopt.passes.pipefusion.stage_split import StageSplit
 from vdopt.passes.lowering.temporal_layout import TemporalLayout
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -47,7 +59,7 @@ def build_pipeline(options: PipelineOptions) -> list[GraphPass]:
             + f"; supported axes: {sorted(SUPPORTED_AXES) or 'none (one device only)'}"
         )
     # DropNoOps right after: every later pass sees neither export's asserts nor identity casts
-    passes: list[GraphPass] = [SimplifyLayout(), DropNoOps()]
+    passes: list[GraphPass] = [FoldViews(), DropNoOps()]
     if options.mesh.pipefusion > 1:
         # first, so later passes see the stage markers as opaque ops
         balance = options.pipefusion.balance if options.pipefusion is not None else "flops"
@@ -63,6 +75,22 @@ def build_pipeline(options: PipelineOptions) -> list[GraphPass]:
     # Needs the lowered op: only vdopt's kernels read the 5-D views it leaves.
     passes.append(TemporalLayout())
     return passes
+
+
+def feature_passes(options: PipelineOptions) -> list[str]:
+    """Names of the passes that derive a plan's other graphs from the rewritten one, in order."""
+    names = [StageCut.name, PatchRewrite.name] if options.mesh.pipefusion > 1 else []
+    if options.pab is not None:
+        names.append(PABSpecialize.name)
+    return names
+
+
+def check_disabled(options: PipelineOptions, disabled: Iterable[str]) -> None:
+    """Warn about names in ``disabled`` that no pass of this plan has (a typo disables nothing)."""
+    known = [p.name for p in build_pipeline(options)] + feature_passes(options)
+    unknown = set(disabled) - set(known)
+    if unknown:
+        log.warning("disabled passes %s are not in this pipeline (%s)", sorted(unknown), known)
 
 
 SUPPORTED_AXES: frozenset[str] = frozenset({"pipefusion", "cfg", "ulysses", "ring", "dsp"})

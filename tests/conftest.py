@@ -5,6 +5,8 @@ import os
 if not os.path.exists("/dev/nvidiactl"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import random  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -12,8 +14,53 @@ import torch  # noqa: E402
 # them fast on the 2-core CI machine too.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+SEED_ENV = "VDOPT_TEST_SEED"
+"""Set it to replay a failure: every test then seeds with this value instead of a fresh one.
+While a test runs it also holds that test's seed, so processes the test starts (the ranks
+of ``multirank.run_on_ranks``) seed from it too."""
+
+_SEED_KEY = pytest.StashKey[int]()
+
+
+def _seed_for_this_test() -> int:
+    value = os.environ.get(SEED_ENV)
+    if value is not None:
+        try:
+            return int(value)
+        except ValueError:
+            raise pytest.UsageError(f"{SEED_ENV}={value!r}: use the integer a failure report printed") from None
+    return int.from_bytes(os.urandom(4), "little")
+
+
+@pytest.fixture(autouse=True)
+def vdopt_seed(request, monkeypatch) -> int:
+    """A fresh seed per test (or ``$VDOPT_TEST_SEED``), set on torch and ``random``.
+
+    Random inputs vary from run to run, so tests do not pass by the luck of one draw; a
+    failure report says which seed to replay it with.
+    """
+    seed = _seed_for_this_test()
+    request.node.stash[_SEED_KEY] = seed
+    random.seed(seed)
+    torch.manual_seed(seed)
+    monkeypatch.setenv(SEED_ENV, str(seed))  # restored after the test
+    return seed
+
 
 @pytest.fixture
-def rng_inputs():
-    """Fresh random inputs per test: a new seed every call (never zeros)."""
-    return torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+def rng_inputs(vdopt_seed):
+    """A generator for random inputs, seeded from the test's seed (never zeros).
+
+    Offset from the global seed so inputs drawn here and weights drawn from torch's global
+    generator are not the same numbers.
+    """
+    return torch.Generator().manual_seed((vdopt_seed + 0x9E3779B9) % 2**63)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    seed = item.stash.get(_SEED_KEY, None)
+    if report.failed and seed is not None:
+        report.sections.append(("random seed", f"replay with {SEED_ENV}={seed} pytest '{item.nodeid}'"))
+    return report

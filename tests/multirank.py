@@ -3,6 +3,11 @@
 Each rank initializes the default process group over gloo (TCP on localhost), calls
 ``fn(rank, world_size, *args)`` and sends back its return value (moved to CPU). An exception
 on any rank fails the caller with that rank's traceback; a hung rank fails after ``timeout``.
+
+Every rank seeds torch and ``random`` from the calling test's seed (``$VDOPT_TEST_SEED``, set
+by conftest.py for the test's duration), the same value on every rank: ranks must draw the
+same random inputs, as every rank receives the full inputs; and replaying a failed test's
+seed replays its ranks too.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import datetime
 import os
 import queue as queue_module
+import random
 import socket
 import time
 import traceback
@@ -26,12 +32,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue, pg_timeout: float) -> None:
+SEED_ENV = "VDOPT_TEST_SEED"
+"""The calling test's seed (see conftest.py)."""
+
+
+def rank_seed(test_seed: int) -> int:
+    """The seed of every rank of a test: derived from the test's, identical across ranks
+    (offset so a rank's draws differ from the parent's draws after the same seed)."""
+    return (test_seed * 1_000_003 + 17) % 2**63
+
+
+def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue, pg_timeout: float,
+            seed: int | None) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
         WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
     )
     torch.set_num_threads(1)
+    if seed is not None:
+        random.seed(seed)
+        torch.manual_seed(seed)
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=pg_timeout))
@@ -66,8 +86,10 @@ def run_on_ranks(world_size: int, fn: Callable, *args: Any, timeout: float = 240
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
+    test_seed = os.environ.get(SEED_ENV)
+    seed = rank_seed(int(test_seed)) if test_seed is not None else None
     procs = [
-        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue, pg_timeout), daemon=True)
+        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue, pg_timeout, seed), daemon=True)
         for r in range(world_size)
     ]
     for p in procs:
@@ -92,5 +114,6 @@ def run_on_ranks(world_size: int, fn: Callable, *args: Any, timeout: float = 240
             if p.is_alive():
                 p.kill()
     if errors:
-        raise AssertionError("\n".join(errors))
+        seed_note = f" (ranks seeded with {seed}, from {SEED_ENV}={test_seed})" if seed is not None else ""
+        raise AssertionError("\n".join(errors) + seed_note)
     return [results[r] for r in range(world_size)]

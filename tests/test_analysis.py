@@ -61,17 +61,22 @@ def test_latte_sites_have_the_right_shapes_and_blocks():
 def test_unseen_hunyuan_video_joint_text_and_text_refiner():
     model, args, kwargs = unseen_models.hunyuan_video()
     sites = vdopt.inspect(model, *args, **kwargs)
-    # 1 double-stream + 1 single-stream block attend jointly over video and text tokens;
-    # the token refiner attends over text only
-    assert kinds(sites) == {"joint_text": 2, "text": 1}
+    # double-stream and single-stream blocks attend jointly over video and text tokens; the
+    # token refiner's blocks attend over text only
+    config = model.config
+    assert kinds(sites) == {"joint_text": config.num_layers + config.num_single_layers, "text": config.num_refiner_layers}
+    _, _, T, H, W = kwargs["hidden_states"].shape
+    p, pt = config.patch_size, config.patch_size_t
+    video_tokens = (T // pt) * (H // p) * (W // p)
     joint = [s for s in sites if s.kind == "joint_text"]
-    assert {s.q_len for s in joint} == {3 * 4 * 6 + 7}
+    assert {s.q_len for s in joint} == {video_tokens + kwargs["encoder_hidden_states"].shape[1]}
     assert all(s.has_mask for s in sites)
 
 
 def test_unseen_pixart_image_model_is_spatial_and_cross():
     model, args, kwargs = unseen_models.pixart()
-    assert kinds(vdopt.inspect(model, *args, **kwargs)) == {"spatial": 2, "cross": 2}
+    L = model.config.num_layers
+    assert kinds(vdopt.inspect(model, *args, **kwargs)) == {"spatial": L, "cross": L}
 
 
 class NamelessSpatioTemporal(torch.nn.Module):
@@ -108,7 +113,8 @@ def test_kinds_come_from_structure_not_names():
     model = NamelessSpatioTemporal().eval()
     x, ctx = torch.randn(1, 4, 5, 6, 4), torch.randn(1, 7, 8)
     sites = vdopt.inspect(model, x, ctx)
-    assert [(s.kind, s.q_len, s.kv_len) for s in sites] == [("spatial", 6, 6), ("temporal", 5, 5), ("cross", 30, 7)]
+    T, HW, text = x.shape[2], (x.shape[3] // 2) * (x.shape[4] // 2), ctx.shape[1]  # (1, 2, 2) patches
+    assert [(s.kind, s.q_len, s.kv_len) for s in sites] == [("spatial", HW, HW), ("temporal", T, T), ("cross", T * HW, text)]
     out = vdopt.optimize(model)(x, ctx)
     torch.testing.assert_close(out, model(x, ctx), rtol=1e-6, atol=1e-6)
 

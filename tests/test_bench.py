@@ -1,28 +1,59 @@
-"""Smoke run of the end-to-end benchmark harness at a toy size (it never gates on speed)."""
+"""Smoke run of the end-to-end benchmark (``vdopt bench --quick``); it never gates on speed.
+
+Expected figures are derived from what the run wrote (its configuration, timesteps and PAB
+setting), not copied from a previous run.
+"""
 
 from __future__ import annotations
 
 import json
+import pathlib
+import re
 
 import torch
 
 from vdopt.cli import main
+from vdopt.cli.bench import harness
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def test_bench_smoke_writes_json_markdown_and_plot(tmp_path):
-    argv = [
-        "bench", "--layers", "1", "--frames", "5", "--height", "32", "--width", "32", "--text-len", "8",
-        "--steps", "3", "--repeats", "1", "--threads", "1", "--meshes", "none", "--artifact", "none",
-        "--methods", "diffusers_eager,diffusers_pab,vdopt_pab,vdopt_pab_triton", "--out", str(tmp_path),
-    ]
+def pab_calls(report: dict, kind: str) -> tuple[int, int]:
+    """(computed, reused) calls of one region of ``kind`` over the run, from the PAB rule:
+    call i of a slot at timestep t reuses when i > 0, t is strictly inside the window and
+    i % range != 0. Slots: cond (and uncond with CFG); generations: warm-up + repeats."""
+    cfg, pab = report["config"], report["pab"]
+    rng, (low, high) = pab[f"{kind}_range"], pab[f"{kind}_window"]
+    reused = sum(1 for i, t in enumerate(report["timesteps"]) if i > 0 and low < t < high and i % rng != 0)
+    calls = len(report["timesteps"])
+    slots = 2 if cfg["guidance"] > 1 else 1
+    generations = 1 + cfg["repeats"]
+    return slots * generations * (calls - reused), slots * generations * reused
+
+
+def test_bench_quick_writes_json_markdown_and_plot_to_out(tmp_path, monkeypatch):
+    committed = {p: p.stat().st_mtime_ns for p in (ROOT / "benchmarks" / "results").iterdir()}
+    monkeypatch.chdir(tmp_path)  # a run without --out writes to ./vdopt-results
+    argv = ["bench", "--quick", "--threads", "1",
+            "--methods", "diffusers_eager,diffusers_pab,vdopt_pab,vdopt_pab_triton"]
     assert main(argv) == 0
-    stem = tmp_path / "e2e_wan-mid1_5x32x32_cpu"
-    report = json.loads(stem.with_suffix(".json").read_text())
+    (json_path,) = (tmp_path / "vdopt-results").glob("e2e_*.json")
+    report = json.loads(json_path.read_text())
+    cfg = report["config"]
+    stem = json_path.with_suffix("")
+    assert stem.name == f"e2e_wan-mid{cfg['layers']}_{cfg['frames']}x{cfg['height']}x{cfg['width']}_cpu"
     assert stem.with_suffix(".png").stat().st_size > 0
     md = stem.with_suffix(".md").read_text()
+    # the committed results of the checkout are never touched
+    assert {p: p.stat().st_mtime_ns for p in (ROOT / "benchmarks" / "results").iterdir()} == committed
 
     assert report["versions"]["torch"] == torch.__version__ and report["date"] and "CPU" in report["device"]
-    assert report["config"]["steps"] == 3 and report["tokens_per_call"] == 2 * 2 * 2
+    quick = harness().QUICK  # --quick's documented preset
+    assert {k: cfg[k] for k in ("layers", "frames", "height", "width", "text_len", "steps", "repeats")} == {
+        k: quick[k] for k in ("layers", "frames", "height", "width", "text_len", "steps", "repeats")}
+    assert len(report["timesteps"]) == cfg["steps"]
+    latent_frames = (cfg["frames"] - 1) // 4 + 1  # Wan's VAE: 4x in time, 8x in space; patches 1x2x2
+    assert report["tokens_per_call"] == latent_frames * (cfg["height"] // 16) * (cfg["width"] // 16)
     methods = report["methods"]
     assert list(methods) == ["diffusers_eager", "diffusers_pab", "vdopt_pab", "vdopt_pab_triton"]
     if not torch.cuda.is_available():
@@ -30,14 +61,26 @@ def test_bench_smoke_writes_json_markdown_and_plot(tmp_path):
         assert "| vdopt_pab_triton | skipped: no GPU |" in md
     for name in ("diffusers_eager", "diffusers_pab", "vdopt_pab"):
         r = methods[name]
-        assert r["seconds"] > 0 and len(r["seconds_all"]) == 1 and r["peak_memory_bytes"] > 0
-        assert r["time_to_first_output_s"] > 0 and f"| {name} | {r['seconds']:.2f} |" in md
+        assert "skipped" not in r, r
+        assert len(r["seconds_all"]) == cfg["repeats"] and r["seconds"] == min(r["seconds_all"])
+        assert r["seconds_per_step"] == r["seconds"] / cfg["steps"] and r["peak_memory_bytes"] > 0
+        assert f"| {name} | {r['seconds']:.2f} |" in md
     assert methods["diffusers_eager"]["final_latent_rel_err_vs_eager"] == 0.0
     assert methods["diffusers_eager"]["speedup_vs_diffusers_eager"] == 1.0
-    # Three steps at t = 999, 857, 600 (shift 3): only 600 is inside (100, 800), as call 2 of
-    # its slot (cond and uncond each): spatial (range 2) computes, cross (range 6) reuses.
-    # The counts cover both generations (warm-up and timed): 12 calls.
+    # PAB counts are region calls: each block holds one region of each kind.
     summary = methods["vdopt_pab"]["summary"]
-    assert "computed 12, reused 0" in summary["pab spatial"]
-    assert "computed 8, reused 4" in summary["pab cross"]
+    for kind in ("spatial", "cross"):
+        line = summary[f"pab {kind}"]
+        regions = int(re.match(r"(\d+) regions", line).group(1))
+        assert regions == cfg["layers"]
+        computed, reused = pab_calls(report, kind)
+        assert f"computed {regions * computed}, reused {regions * reused}" in line
     assert 0 < methods["vdopt_pab"]["final_latent_rel_err_vs_eager"] < 0.1
+
+
+def test_bench_out_names_the_results_directory(tmp_path):
+    out = tmp_path / "mine"
+    assert main(["bench", "--quick", "--threads", "1", "--methods", "diffusers_eager", "--out", str(out)]) == 0
+    (json_path,) = out.glob("e2e_*.json")
+    report = json.loads(json_path.read_text())
+    assert list(report["methods"]) == ["diffusers_eager"] and report["methods"]["diffusers_eager"]["seconds"] > 0

@@ -42,3 +42,91 @@ def test_inspect_prints_the_site_table():
     assert result.returncode == 0, result.stderr
     assert "6 attention sites: spatial 2, cross 2, temporal 2" in result.stdout
     assert "temporal_transformer_blocks.1.attn1" in result.stdout
+
+
+def error_lines(result: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("vdopt: error")]
+
+
+def test_a_user_mistake_is_one_line_and_v_adds_the_traceback(tmp_path):
+    args = ("compile", "latte", "--mesh", "tensor=2", "--out", str(tmp_path / "art"))
+    result = vdopt_cli(*args)
+    assert result.returncode == 1
+    assert error_lines(result) == [
+        "vdopt: error: mesh spec 'tensor=2': unknown axis 'tensor'; write axis=degree pairs separated by commas, "
+        "e.g. 'ulysses=2,cfg=2'; axes: cfg, pipefusion, ring, ulysses, dsp"
+    ]
+    assert "Traceback" not in result.stderr
+    verbose = vdopt_cli("-v", *args)
+    assert verbose.returncode == 1 and "Traceback (most recent call last)" in verbose.stderr
+    assert error_lines(verbose) == error_lines(result)
+
+
+def test_a_failure_on_every_rank_is_reported_once(tmp_path):
+    # Two real gloo ranks (spawned by the demo), both rejecting DSP for a model without
+    # separate spatial and temporal attention: one line for both, no traceback.
+    result = vdopt_cli("demo", "--model", "wan", "--cfg", "1", "--ulysses", "1", "--dsp", "2", "--steps", "1")
+    assert result.returncode == 1
+    (line,) = error_lines(result)
+    assert line.startswith("vdopt: error: every rank: ") and "DSP needs a spatial-temporal model" in line
+    assert "Traceback" not in result.stderr
+
+
+def test_under_torchrun_rank_0_alone_reports_a_user_mistake(tmp_path):
+    # Every rank runs the command and fails the same way (3 ranks asked of a world of 2).
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "vdopt.cli", "compile", "latte", "--mesh", "ulysses=3", "--out", str(tmp_path / "art")],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode != 0
+    (line,) = error_lines(result)
+    assert "needs 3 ranks" in line and "world size is 2" in line
+    assert "vdopt/mesh.py" not in result.stderr  # no traceback of ours (torchrun adds its own summary)
+
+
+def all_help_texts() -> list[str]:
+    from vdopt.cli import build_parser
+
+    texts = []
+    parsers = [build_parser()]
+    while parsers:
+        parser = parsers.pop()
+        texts.append(parser.description or "")
+        for action in parser._actions:
+            texts.append(action.help or "")
+            if hasattr(action, "choices") and isinstance(action.choices, dict):
+                parsers.extend(action.choices.values())
+            for sub in getattr(action, "_choices_actions", []):
+                texts.append(sub.help or "")
+    return texts
+
+
+def test_help_texts_stand_alone():
+    texts = all_help_texts()
+    assert len(texts) > 40  # every command's options were found
+    for text in texts:
+        assert not re.search(r"ANCHORS|DESIGN|\.md\b", text), text
+
+
+def test_every_option_has_its_own_help():
+    from vdopt.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a.choices, dict))
+    for name, parser in sub.choices.items():
+        helps = [a.help for a in parser._actions if a.help and a.help != "==SUPPRESS=="]
+        duplicates = {h for h in helps if helps.count(h) > 1}
+        assert not duplicates, (name, duplicates)
+    compile_help = {a.dest: a.help for a in sub.choices["compile"]._actions}
+    assert "text tokens" in compile_help["text_len"] and "pixel" not in compile_help["text_len"]
+
+
+def test_help_lists_the_zoo_models():
+    from vdopt.cli import build_parser
+    from vdopt.models import list_models
+
+    sub = next(a for a in build_parser()._actions if isinstance(a.choices, dict))
+    for command, dest in (("demo", "model"), ("inspect", "model")):
+        text = next(a.help for a in sub.choices[command]._actions if a.dest == dest)
+        named = set(re.findall(r"\b[a-z_]+\b", text.split(":", 1)[1])) & set(list_models()) if ":" in text else set()
+        assert named == set(list_models()), (command, text)

@@ -9,7 +9,7 @@ from vdopt.passes.base import PassContext
 from vdopt.passes.cleanup.drop_noops import DropNoOps, find_noops
 from vdopt.passes.graph_utils import insert_call
 from vdopt.passes.runner import run_passes
-from vdopt.passes.cleanup.fold_views import SimplifyLayout
+from vdopt.passes.cleanup.fold_views import FoldViews
 
 import vdopt
 from vdopt.capture import bind_call, capture
@@ -64,7 +64,7 @@ def test_wan_counts():
     """Wan has every kind the pass knows of a real DiT: asserts, casts, type_as, dropouts."""
     model, args, kwargs = build("wan", "tiny")
     gm = capture(model, bind_call(model, args, kwargs))
-    gm, records = run_passes(gm, ctx(), [SimplifyLayout(), DropNoOps()])
+    gm, records = run_passes(gm, ctx(), [FoldViews(), DropNoOps()])
     assert records[1].stats == {"_assert_tensor_metadata": 37, "dropout": 6, "to": 37, "type_as": 20}
     assert find_noops(gm.graph) == []
     # its one contiguous() is of a transposed tensor: real work, kept

@@ -17,11 +17,13 @@ from diffusers.hooks import HookRegistry
 from diffusers.hooks.pyramid_attention_broadcast import PyramidAttentionBroadcastHook
 from vdopt.models import build
 from vdopt.models.pab_defaults import default_pab_config
-from vdopt.passes.pab.specialize import count_compute
+from vdopt.passes.pab.regions import count_compute
+from vdopt.passes.pab.schedule import KindRule, PABSchedule
+from vdopt.passes.pab.specialize import PABSpecialize
 
 import vdopt
 from vdopt.capture import bind_call
-from vdopt.runtime.pab import KindRule, PABProgram, PABSchedule, StepTracker, read_timestep
+from vdopt.runtime.pab import PABProgram, StepTracker, read_timestep
 
 RTOL = 1e-5
 # A 12-step linear 999 -> 0 schedule: steps 3..9 are inside the (100, 800) windows.
@@ -367,3 +369,42 @@ def test_regions_survive_kernel_lowering():
     assert attention == {"compute_all": 4, "reuse_cross": 2, "reuse_spatial_cross": 0}
     assert all(n.target is not torch.ops.aten.scaled_dot_product_attention.default
                for n in graphs["compute_all"].graph.nodes)
+
+
+# -- through the pass runner -----------------------------------------------------------------
+
+def test_variants_are_made_by_the_runner_reported_and_can_be_disabled(rng_inputs, monkeypatch):
+    """Each variant is one ``pab_specialize`` run: recorded per variant graph in the plan and
+    the report, skipped by name (then PAB is off: outputs equal the plain model's), and a
+    failure is the runner's PassError naming the pass, the graph and the passes before it."""
+    model, x, text = latte(rng_inputs, batch=2)
+    opt = vdopt.optimize(model, pab=LATTE_CONFIG)
+    denoise(opt, x, text, TIMESTEPS[:1])
+    records = {r.graph: r for r in opt.plans[0].passes if r.name == "pab_specialize"}
+    assert sorted(records) == sorted(
+        ["compute_all", "reuse_temporal", "reuse_cross", "reuse_temporal_cross", "reuse_spatial_temporal_cross"]
+    )
+    assert all(r.tier == "approx" for r in records.values())
+    # two cross-attention sites: two cache inputs, their attention ops and 4 + 4 + 2 linears gone
+    assert records["reuse_cross"].stats["cache_inputs"] == 2
+    assert records["reuse_cross"].stats["removed_attention"] == 2 and records["reuse_cross"].stats["removed_linear"] == 10
+    assert records["compute_all"].stats["cache_outputs"] == 6
+    report = opt.report()
+    assert any(line.split()[:2] == ["pab_specialize", "reuse_cross"] and "cache_inputs=2" in line
+               for line in report.splitlines()), report
+
+    off = vdopt.optimize(model, pab=LATTE_CONFIG, disable_passes=["pab_specialize"])
+    plain = vdopt.optimize(model)
+    for a, b in zip(denoise(off, x, text, TIMESTEPS[:5]), denoise(plain, x, text, TIMESTEPS[:5])):
+        assert torch.equal(a, b)
+    assert "pab_specialize" not in [r.name for r in off.plans[0].passes]
+
+    def boom(self, graph, points):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(PABSpecialize, "rewrite", boom)
+    with pytest.raises(
+        vdopt.PassError,
+        match=r"pass 'pab_specialize' \(approx\) on graph 'compute_all' failed after fold_views, drop_noops.*: RuntimeError: boom",
+    ):
+        denoise(vdopt.optimize(model, pab=LATTE_CONFIG), x, text, TIMESTEPS[:1])

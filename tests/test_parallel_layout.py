@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vdopt.mesh import AxisGroup
-from vdopt.passes.dims.layout import Dim, Factor, Layout, Split, map_reshape
+from vdopt.passes.dims.sharded_shape import Dim, Factor, ShardedShape, Split, map_reshape
 from vdopt.ring_attention import attention_with_lse, merge_partial, ring_bytes_sent
 
 RING = AxisGroup(axis="ring", group_name="r", size=2, rank=1)
@@ -26,7 +26,7 @@ def test_balanced_split_and_coarsen():
 def test_reshape_carries_split_factor_across_spatial_temporal_layouts():
     s = Split.balanced(24, (ULY,))
     # Latte: (B*T, S, C) -> (B, T, S, C) -> permute -> (B*S, T, C), B=2, T=3, S=24 split
-    lay = Layout((Dim((Factor("B", 2), Factor("T", 3))), Dim((Factor("S", 24, s),)), Dim.plain(64)))
+    lay = ShardedShape((Dim((Factor("B", 2), Factor("T", 3))), Dim((Factor("S", 24, s),)), Dim.plain(64)))
     four = map_reshape(lay, (2, 3, 24, 64))
     assert four.local_shape == (2, 3, 12, 64)
     temporal = map_reshape(four.permute([0, 2, 1, 3]), (48, 3, 64))
@@ -38,7 +38,7 @@ def test_reshape_carries_split_factor_across_spatial_temporal_layouts():
 
 def test_reshape_that_cuts_a_split_factor_needs_a_gather():
     s = Split.balanced(24, (ULY,))
-    lay = Layout((Dim(), Dim((Factor("S", 24, s),)), Dim.plain(32)))
+    lay = ShardedShape((Dim(), Dim((Factor("S", 24, s),)), Dim.plain(32)))
     assert map_reshape(lay, (1, 4, 6, 32)) is None  # unpatchify: S -> (H, W)
     # an unsplit factor may be cut: C -> (heads, head_dim)
     heads = map_reshape(lay, (1, 24, 2, 16))
@@ -47,7 +47,7 @@ def test_reshape_that_cuts_a_split_factor_needs_a_gather():
 
 def test_joint_dim_only_maps_onto_itself():
     s = Split.balanced(72, (ULY,))
-    joint = Layout((Dim(), Dim((Factor("TS", 72, s),), pre=10), Dim.plain(64)))
+    joint = ShardedShape((Dim(), Dim((Factor("TS", 72, s),), pre=10), Dim.plain(64)))
     assert joint.local_shape == (1, 46, 64)
     assert map_reshape(joint, (1, 82, 2, 32)).dims[1] == joint.dims[1]
     assert map_reshape(joint, (82, 64)).local_shape == (46, 64)  # dropping a size-1 dim is fine

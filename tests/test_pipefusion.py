@@ -21,9 +21,12 @@ from vdopt.models import build
 from vdopt.passes.analysis.attention import analyze
 from vdopt.passes.base import PassContext
 from vdopt.passes.pipefusion.patches import PatchDim, slice_patch, write_patch
-from vdopt.passes.runner import run_passes
+from vdopt.compile import CompiledGraph
+from vdopt.passes.pipefusion.patch_rewrite import PatchRewrite
+from vdopt.passes.runner import PassError, run_passes
 from vdopt.passes.pipefusion.stage_split import StageSplit, balance_stages, is_stage_boundary, split_stages
-from vdopt.runtime.pipefusion import PipeFusionProgram
+from vdopt.passes.pipefusion.stage_graphs import build_stage_graphs
+from vdopt.runtime.pipefusion import PipeFusionProgram, StagePeers
 
 from multirank import run_on_ranks
 
@@ -159,9 +162,13 @@ def test_slice_and_write_patch_round_trip():
 # -- the patch rewrite, in one process (one stage: patches run one after another) ----------------
 
 
-def _single_stage_program(model, inputs, config):
+def _single_stage_program(model, inputs, config, compile=False):
+    """One stage (no markers): the graphs come from the passes, the patches run in turn."""
     gm, ctx = captured(model, inputs)
-    return PipeFusionProgram.from_graph(gm, ctx, config)
+    graphs, _ = build_stage_graphs(gm, ctx, config, stage=0)
+    return PipeFusionProgram.build(
+        gm, graphs, peers=StagePeers.of(ctx.mesh, ctx.device), device=ctx.device, config=config, compile=compile
+    )
 
 
 @pytest.mark.parametrize(
@@ -210,6 +217,60 @@ def test_too_many_patches_is_a_clear_error():
         _single_stage_program(model, inputs, PipeFusionConfig(patches=4, axis="T"))
 
 
+# -- through the pass runner, and compiled ------------------------------------------------------
+
+
+def test_stage_graphs_are_made_by_the_runner(monkeypatch):
+    """The cut and every patch graph are pass runs: recorded per graph, skipped by name (then
+    every call is exact), and a failure names the pass, the graph and the passes before it."""
+    model, inputs = fresh_inputs("latte", int.from_bytes(os.urandom(4), "little"))
+    gm, ctx = captured(model, inputs)
+    config = PipeFusionConfig(patches=2)
+    graphs, records = build_stage_graphs(gm, ctx, config, stage=0)
+    assert [(r.name, r.graph, r.tier) for r in records] == [
+        ("pipefusion_stage_cut", "stage 0", "exact"), ("pipefusion_patches", "exact", "approx"),
+        ("pipefusion_patches", "patch 0", "approx"), ("pipefusion_patches", "patch 1", "approx"),
+    ]
+    assert records[1].stats["fresh_kv_outputs"] == records[2].stats["merged_kv"] == 2 * 2  # K and V of 2 sites
+    assert records[2].stats["patch"] == "0:2" and len(graphs.patches) == 2
+
+    graphs, records = build_stage_graphs(gm, ctx, config, stage=0, disabled={"pipefusion_patches"})
+    assert [r.name for r in records] == ["pipefusion_stage_cut"] and graphs.patches == ()
+    program = PipeFusionProgram.build(gm, graphs, peers=StagePeers.of(ctx.mesh, ctx.device), device=ctx.device,
+                                      config=config)
+    with torch.no_grad():
+        for i in range(3):
+            step = {**inputs, "timestep": timestep_at(inputs, i)}
+            assert rel_err(first_output(program(step)), first_output(model(**step))) <= 1e-5
+    assert program.counts == {"exact": 3, "pipelined": 0}
+
+    def boom(self, graph):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(PatchRewrite, "find_stale_sites", boom)
+    with pytest.raises(PassError, match=r"pass 'pipefusion_patches' \(approx\) on graph 'exact' failed after "
+                                        r"pipefusion_stage_cut: RuntimeError: boom"):
+        build_stage_graphs(gm, ctx, config, stage=0)
+
+
+def test_stage_graphs_honour_compile():
+    """``compile=True`` runs every stage graph through Inductor, like every other program;
+    the default on the CPU runs the graphs as they are."""
+    model, inputs = fresh_inputs("wan", int.from_bytes(os.urandom(4), "little"))
+    config = PipeFusionConfig(patches=2)
+    default = _single_stage_program(model, inputs, config, compile=None)
+    assert not any(isinstance(r, CompiledGraph) for r in [default._prepare, default._post, *default._stage_runs.values()])
+    program = _single_stage_program(model, inputs, config, compile=True)
+    runners = [program._prepare, program._post, *program._stage_runs.values()]
+    assert all(isinstance(r, CompiledGraph) for r in runners)
+    with torch.no_grad():
+        ref = first_output(model(**inputs))
+        out = first_output(program(inputs))  # exact: prepare, the whole-latent graph, post
+    assert rel_err(out, ref) <= 1e-5
+    assert [r.compile_s is not None for r in runners] == [True, True, True, False, False]
+    assert "compiled" in program.summary() and "2 not called yet" in program.summary()["compiled"]
+
+
 # -- real ranks ------------------------------------------------------------------------------------
 
 _BLOCK = re.compile(r"^(.*?\.\d+)\.")
@@ -249,6 +310,11 @@ def _check_model(name: str, degrees: dict, patches: int, build_kwargs: dict, see
     result["axis"] = program.figures["axis"]
     result["param_bytes"], result["total_bytes"] = program.param_bytes(), program.total_param_bytes
     result["report"] = opt.report()
+    # compile= reaches the stage graphs (built only: compiling runs at the first call)
+    compiled = vdopt.optimize(model, mesh, pipefusion=PipeFusionConfig(patches=patches), compile=True,
+                              example_inputs=((), inputs))
+    result["compiled"] = (isinstance(program._prepare, CompiledGraph),
+                          isinstance(compiled.plans[0].program._prepare, CompiledGraph))
 
     # warmup 1 over a 10-step loop: pipelined steps use stale K/V
     opt = vdopt.optimize(model, mesh, pipefusion=PipeFusionConfig(patches=patches, warmup_steps=1))
@@ -314,4 +380,7 @@ def _check_results(name: str, results: list[dict]) -> None:
         torch.testing.assert_close(r["latent"], results[0]["latent"], rtol=0, atol=0, msg=where)
     report = results[0]["report"]
     assert "stage_split" in report and "pipefusion stages: 0: " in report, name
+    # the stage cut and the patch graphs are pass runs, with their counts in the report
+    assert re.search(r"pipefusion_stage_cut\s+stage 0\s", report) and re.search(r"pipefusion_patches\s+patch 1\s", report), report
+    assert [r["compiled"] for r in results] == [(False, True)] * len(results), name
     assert "pipefusion parameters: this rank holds" in report, name

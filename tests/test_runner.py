@@ -1,4 +1,4 @@
-"""The pass runner and the simplify_layout pass on small hand-built graphs."""
+"""The pass runner and the fold_views pass on small hand-built graphs."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from vdopt.capture import capture
 from vdopt.mesh import Mesh
 from vdopt.passes.base import PassContext, PassResult
 from vdopt.passes.runner import PassError, run_passes
-from vdopt.passes.cleanup.fold_views import SimplifyLayout, find_identity_layouts, find_layout_chains
+from vdopt.passes.cleanup.fold_views import FoldViews, find_identity_views, find_view_chains
 
 
 class LayoutChains(torch.nn.Module):
@@ -30,16 +30,16 @@ def ctx() -> PassContext:
     return PassContext(mesh=Mesh(), device=torch.device("cpu"))
 
 
-def test_simplify_layout_counts_and_exactness():
+def test_fold_views_counts_and_exactness():
     x = torch.randn(2, 3, 4)
     gm = capture(LayoutChains(), {"x": x})
-    assert len(find_layout_chains(gm.graph)) == 2
-    assert len(find_identity_layouts(gm.graph)) == 2
-    gm, records = run_passes(gm, ctx(), [SimplifyLayout()])
+    assert len(find_view_chains(gm.graph)) == 2
+    assert len(find_identity_views(gm.graph)) == 2
+    gm, records = run_passes(gm, ctx(), [FoldViews()])
     assert records[0].stats == {"folded_chains": 2, "removed_identities": 2}
     assert records[0].modified
-    assert find_layout_chains(gm.graph) == [] and find_identity_layouts(gm.graph) == []
-    created = [n for n in gm.graph.nodes if n.meta.get(meta.CREATED_BY) == "simplify_layout"]
+    assert find_view_chains(gm.graph) == [] and find_identity_views(gm.graph) == []
+    created = [n for n in gm.graph.nodes if n.meta.get(meta.CREATED_BY) == "fold_views"]
     assert len(created) == 2 and all("val" in n.meta for n in created)
     assert torch.equal(gm(x=x), LayoutChains()(x))
 
@@ -67,8 +67,8 @@ class LeavesNodeWithoutValue:
 
 def test_runner_names_the_failing_pass_and_its_predecessors():
     gm = capture(LayoutChains(), {"x": torch.randn(2, 3, 4)})
-    with pytest.raises(PassError, match=r"pass 'explodes' \(exact\) failed after simplify_layout: RuntimeError: boom"):
-        run_passes(gm, ctx(), [SimplifyLayout(), Explodes()])
+    with pytest.raises(PassError, match=r"pass 'explodes' \(exact\) failed after fold_views: RuntimeError: boom"):
+        run_passes(gm, ctx(), [FoldViews(), Explodes()])
 
 
 def test_runner_rejects_nodes_without_metadata():
@@ -79,15 +79,15 @@ def test_runner_rejects_nodes_without_metadata():
 
 def test_disabled_pass_is_skipped_and_optimize_reports_passes():
     gm = capture(LayoutChains(), {"x": torch.randn(2, 3, 4)})
-    gm, records = run_passes(gm, ctx(), [SimplifyLayout(), Explodes()], disabled={"explodes"})
-    assert [r.name for r in records] == ["simplify_layout"]
+    gm, records = run_passes(gm, ctx(), [FoldViews(), Explodes()], disabled={"explodes"})
+    assert [r.name for r in records] == ["fold_views"]
 
     model = LayoutChains()
     x = torch.randn(2, 3, 4)
-    opt = vdopt.optimize(model, disable_passes=["simplify_layout"])
+    opt = vdopt.optimize(model, disable_passes=["fold_views"])
     assert torch.equal(opt(x), model(x))
-    assert "simplify_layout" not in [r.name for r in opt.plans[0].passes]
+    assert "fold_views" not in [r.name for r in opt.plans[0].passes]
     opt = vdopt.optimize(model)
     opt(x)
     report = opt.report()
-    assert "simplify_layout" in report and "folded_chains=2" in report
+    assert "fold_views" in report and "folded_chains=2" in report

@@ -1,7 +1,9 @@
-"""The public entry points: ``optimize`` and ``inspect``."""
+"""The public entry points: ``optimize`` and ``inspect``, and the object ``optimize`` returns."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any, Iterable
 
 import torch
@@ -9,18 +11,31 @@ import torch
 from vdopt.capture import bind_call, capture
 from vdopt.compile import should_compile
 from vdopt.config import PABConfig, PipeFusionConfig
-from vdopt.mesh import Mesh
+from vdopt.mesh import Mesh, as_mesh
 from vdopt.passes.analysis.attention import analyze
 from vdopt.passes.analysis.sites import AttentionSite
 from vdopt.passes.order import PipelineOptions
-from vdopt.runtime.executable import OptimizedModel
+from vdopt.artifacts import save
+from vdopt.runtime.executable import Executable
 
 KERNEL_CHOICES = ("auto", "triton", "sdpa")
 
 
+class OptimizedModel(Executable):
+    """What ``vdopt.optimize`` returns: the executable, plus writing it out as artifacts."""
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write AOTInductor artifacts (a package per rank and variant, and ``manifest.json``).
+
+        Call it on every rank, after at least one call (artifacts are compiled for the input
+        shapes seen). ``vdopt.load(path)`` runs them without the model's code.
+        """
+        return save(self, path)
+
+
 def optimize(
     model: torch.nn.Module,
-    mesh: Mesh | None = None,
+    mesh: Mesh | str | None = None,
     *,
     pab: PABConfig | None = None,
     pipefusion: PipeFusionConfig | None = None,
@@ -33,7 +48,8 @@ def optimize(
 
     Args:
         model: a diffusers transformer or any ``nn.Module`` torch.export can capture.
-        mesh: parallel degrees; ``None`` means one device.
+        mesh: parallel degrees, as a ``Mesh`` or a string like ``"ulysses=2,cfg=2"``;
+            ``None`` means one device.
         pab: Pyramid Attention Broadcast settings, or ``None`` for none.
         pipefusion: PipeFusion settings (needs ``mesh.pipefusion > 1``).
         kernels: ``"auto"`` lowers an attention site to vdopt's Triton kernels on CUDA only,
@@ -51,7 +67,7 @@ def optimize(
         raise ValueError(f"kernels={kernels!r}: choose one of {KERNEL_CHOICES}")
     if pab is not None and not isinstance(pab, PABConfig):
         raise TypeError(f"pab must be a vdopt.PABConfig or None, got {type(pab).__name__}")
-    mesh = mesh or Mesh()
+    mesh = as_mesh(mesh) or Mesh()
     if pipefusion is not None and mesh.pipefusion == 1:
         raise ValueError(f"pipefusion={pipefusion} needs a mesh with pipefusion > 1 (got Mesh({mesh.describe()}))")
     should_compile(compile, "cpu")  # rejects a non-bool now rather than at the first call

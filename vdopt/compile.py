@@ -17,7 +17,8 @@ import time
 from typing import Any, Callable, Iterable
 
 import torch
-import torch.distributed as dist
+
+from vdopt.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -29,13 +30,6 @@ def should_compile(enabled: bool | None, device: torch.device | str) -> bool:
     if not isinstance(enabled, bool):
         raise ValueError(f"compile={enabled!r}: use True, False or None (None = compile on CUDA only)")
     return enabled
-
-
-def _progress(desc: str):
-    from tqdm.auto import tqdm
-
-    quiet = dist.is_available() and dist.is_initialized() and dist.get_rank() != 0
-    return tqdm(total=1, desc=desc, leave=False, disable=True if quiet else None)
 
 
 class CompiledGraph:
@@ -60,8 +54,9 @@ class CompiledGraph:
         if self.compile_s is not None:
             return self._compiled(*args, **kwargs)
         start = time.perf_counter()
-        with _progress(f"vdopt compile {self.name}"):
+        with progress(1, f"vdopt compile {self.name}") as bar:
             out = self._compiled(*args, **kwargs)
+            bar.update(1)
         self.compile_s = time.perf_counter() - start
         log.info("compiled %s with Inductor in %.1f s", self.name, self.compile_s)
         return out

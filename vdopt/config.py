@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -56,12 +57,40 @@ class PABConfig:
     def __post_init__(self) -> None:
         for field in ("spatial_range", "temporal_range", "cross_range", "mlp_range"):
             value = getattr(self, field)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"PABConfig.{field} must be a positive int or None, got {value!r}")
+            if value is not None and (not _is_int(value) or value < 1):
+                raise _field_error("PABConfig", field, value, "a positive int (recompute every this many calls) or None (never reuse)")
         for field in ("spatial_window", "temporal_window", "cross_window", "mlp_window"):
-            low, high = getattr(self, field)
-            if low > high:
-                raise ValueError(f"PABConfig.{field} must be (low, high) with low <= high")
+            # Frozen: normalize a list to a tuple through object.__setattr__ (keeps the config hashable).
+            object.__setattr__(self, field, _window("PABConfig", field, getattr(self, field)))
+
+
+TIMESTEP_RANGE = (0.0, 1000.0)
+"""Timesteps a PAB window may span: diffusers' schedulers (DDPM/DDIM/UniPC, flow matching
+with ``num_train_timesteps=1000``) pass timesteps in [0, 1000]."""
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _field_error(cls: str, field: str, value: object, allowed: str) -> ValueError:
+    return ValueError(f"{cls}.{field}={value!r}: must be {allowed}")
+
+
+def _window(cls: str, field: str, value: object) -> tuple[float, float]:
+    """``value`` as a ``(low, high)`` pair of timesteps, or a ValueError naming ``field``."""
+    low_t, high_t = TIMESTEP_RANGE
+    allowed = f"a pair (low, high) of numbers with {low_t:g} <= low <= high <= {high_t:g} (timesteps)"
+    if isinstance(value, str) or not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise _field_error(cls, field, value, allowed)
+    low, high = value
+    if not (_is_number(low) and _is_number(high) and low_t <= low <= high <= high_t):
+        raise _field_error(cls, field, value, allowed)
+    return (low, high)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -80,9 +109,11 @@ class PipeFusionConfig:
     ``"measured"`` (each block timed once on random inputs while compiling)."""
 
     def __post_init__(self) -> None:
-        if self.patches < 1 or self.warmup_steps < 0:
-            raise ValueError("PipeFusionConfig needs patches >= 1 and warmup_steps >= 0")
+        if not _is_int(self.patches) or self.patches < 1:
+            raise _field_error("PipeFusionConfig", "patches", self.patches, "a positive int (patches the latent is split into)")
+        if not _is_int(self.warmup_steps) or self.warmup_steps < 0:
+            raise _field_error("PipeFusionConfig", "warmup_steps", self.warmup_steps, "an int >= 0 (exact steps before stale K/V is used)")
         if self.axis not in (None, "T", "H", "W"):
-            raise ValueError(f"PipeFusionConfig.axis={self.axis!r}: choose 'T', 'H', 'W' or None")
+            raise _field_error("PipeFusionConfig", "axis", self.axis, "'T', 'H', 'W' or None (the first axis with enough entries)")
         if self.balance not in ("flops", "measured"):
-            raise ValueError(f"PipeFusionConfig.balance={self.balance!r}: choose 'flops' or 'measured'")
+            raise _field_error("PipeFusionConfig", "balance", self.balance, "'flops' or 'measured'")

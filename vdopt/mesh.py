@@ -60,7 +60,7 @@ class Mesh:
     def __post_init__(self) -> None:
         for axis in AXES:
             degree = getattr(self, axis)
-            if not isinstance(degree, int) or degree < 1:
+            if not isinstance(degree, int) or isinstance(degree, bool) or degree < 1:
                 raise ValueError(f"Mesh degree {axis}={degree!r} must be a positive int ({self.describe()})")
         if self.cfg > 2:
             raise ValueError(f"Mesh cfg={self.cfg}: CFG parallel splits a cond/uncond pair, use cfg=1 or 2 ({self.describe()})")
@@ -178,3 +178,47 @@ class Mesh:
             return None
         shape = tuple(getattr(self, axis) for axis in names)
         return init_device_mesh(device.type, shape, mesh_dim_names=names)
+
+
+def parse_degrees(text: str) -> dict[str, int]:
+    """``"ulysses=2,cfg=2"`` -> ``{"ulysses": 2, "cfg": 2}`` (the syntax of the CLI's ``--mesh``).
+
+    Pairs are ``axis=degree`` separated by commas; spaces are ignored. Only the syntax is
+    checked here: whether the degrees fit the world size is ``Mesh``'s check.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"a mesh spec is a string like 'ulysses=2,cfg=2', got {type(text).__name__}")
+    usage = f"write axis=degree pairs separated by commas, e.g. 'ulysses=2,cfg=2'; axes: {', '.join(AXES)}"
+    degrees: dict[str, int] = {}
+    parts = [p.strip() for p in text.split(",")]
+    if not any(parts):
+        raise ValueError(f"mesh spec {text!r} is empty: {usage}")
+    for part in parts:
+        axis, sep, value = (s.strip() for s in part.partition("="))
+        if not sep:
+            raise ValueError(f"mesh spec {text!r}: {part!r} is not axis=degree; {usage}")
+        if axis not in AXES:
+            raise ValueError(f"mesh spec {text!r}: unknown axis {axis!r}; {usage}")
+        if axis in degrees:
+            raise ValueError(f"mesh spec {text!r}: axis {axis!r} is given twice")
+        if not value.isdigit() or int(value) < 1:
+            raise ValueError(f"mesh spec {text!r}: the degree of {axis} must be a positive integer, got {value!r}")
+        degrees[axis] = int(value)
+    return degrees
+
+
+def as_mesh(value: Mesh | str | None) -> Mesh | None:
+    """A ``Mesh`` from what a user may pass as ``mesh``: None, a Mesh, or a spec string.
+
+    ``None`` stays ``None`` (one device); a ``Mesh`` is returned as is; a string such as
+    ``"ulysses=2,cfg=2"`` is parsed by ``parse_degrees`` and becomes ``Mesh(ulysses=2, cfg=2)``
+    (which checks the product against the world size). Anything else is a ``TypeError``.
+    """
+    if value is None or isinstance(value, Mesh):
+        return value
+    if isinstance(value, str):
+        return Mesh(**parse_degrees(value))
+    raise TypeError(
+        f"mesh must be a vdopt.Mesh, a string like 'ulysses=2,cfg=2', or None (one device); "
+        f"got {type(value).__name__} {value!r:.80}"
+    )

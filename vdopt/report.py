@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from vdopt.mesh import Mesh
-    from vdopt.runtime.executable import Plan
+    from vdopt.runtime.plan import Plan
 
 
 def table(rows: list[list[Any]], header: list[str]) -> str:
@@ -47,12 +47,12 @@ def render_plan(plan: "Plan") -> str:
     ]
     out.append(table(rows, ["site", "kind", "block", "heads", "batch", "q_len", "kv_len", "rewrites"]))
     rows = [
-        [r.name, r.tier, "yes" if r.modified else "no",
+        [r.name, r.graph, r.tier, "yes" if r.modified else "no",
          " ".join(f"{k}={v}" for k, v in r.stats.items() if k != "per_site") or "-", f"{r.seconds:.3f}"]
         for r in plan.passes
     ]
     out.append("passes:")
-    out.append(table(rows, ["pass", "tier", "modified", "stats", "seconds"]))
+    out.append(table(rows, ["pass", "graph", "tier", "modified", "stats", "seconds"]))
     summary = plan.program.summary()
     for key, value in summary.items():
         out.append(f"{key}: {value}")

@@ -28,7 +28,7 @@ def _shape(node: torch.fx.Node) -> tuple[int, ...]:
     return tuple(node.meta["val"].shape)
 
 
-def find_identity_layouts(graph: torch.fx.Graph) -> list[torch.fx.Node]:
+def find_identity_views(graph: torch.fx.Graph) -> list[torch.fx.Node]:
     """Reshapes to the input's own shape and permutes by the identity order."""
     found = []
     for n in graph.nodes:
@@ -39,7 +39,7 @@ def find_identity_layouts(graph: torch.fx.Graph) -> list[torch.fx.Node]:
     return found
 
 
-def find_layout_chains(graph: torch.fx.Graph) -> list[torch.fx.Node]:
+def find_view_chains(graph: torch.fx.Graph) -> list[torch.fx.Node]:
     """Reshapes of reshapes and permutes of permutes (the outer node of each pair)."""
     return [
         n
@@ -50,10 +50,10 @@ def find_layout_chains(graph: torch.fx.Graph) -> list[torch.fx.Node]:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class SimplifyLayout:
+class FoldViews:
     """Remove identity reshapes/permutes and fold chains of them into one op."""
 
-    name: ClassVar[str] = "simplify_layout"
+    name: ClassVar[str] = "fold_views"
     tier: ClassVar[str] = "exact"
 
     def rewrite_identity(self, node: torch.fx.Node) -> None:
@@ -72,11 +72,11 @@ class SimplifyLayout:
 
     def __call__(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         graph = gm.graph
-        chains = find_layout_chains(graph)
+        chains = find_view_chains(graph)
         for node in chains:
             self.rewrite_chain(graph, node)
         graph.eliminate_dead_code()
-        identities = find_identity_layouts(graph)
+        identities = find_identity_views(graph)
         for node in identities:
             self.rewrite_identity(node)
         graph.eliminate_dead_code()

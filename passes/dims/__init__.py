@@ -1,1 +1,9 @@
-"""The dimension core: how each ATen op moves dims (as data) and the one emitter that rewrites a graph for a sharded, patched or re-laid-out dim."""
+"""The dimension core: how each ATen op moves dims, and the one emitter that rewrites for a cut dim.
+
+* ``rules``: the op table, as data: per op, how input dims map to output dims;
+* ``emit``: the emitter: nodes with fake values and metadata, chunks of a dim, resized views;
+* ``sharded_shape``: the model of a tensor whose dims are split over ranks;
+* ``propagation``: sharding propagation over a graph (sequence parallel, DSP, CFG parallel).
+
+PipeFusion's patches and the temporal layout pass read the same table and use the same emitter.
+"""

@@ -2,7 +2,8 @@
 
 Export bakes concrete sizes into ``view``/``reshape``/``expand``/``split`` arguments, so
 sharding a tensor means following it through the graph. ``ShardPropagator`` visits nodes in
-order and gives every node computed from a sharded value a ``Layout`` (see ``shard_layout``):
+order and gives every node computed from a sharded value a ``ShardedShape`` (``dims/sharded_shape.py``);
+how each op moves dims comes from the op table (``dims/rules.py``):
 
 * ops that act elementwise or along unsharded dims keep the sharding; their size arguments
   are rewritten to local sizes, and replicated operands they combine with (position tables,
@@ -25,141 +26,30 @@ from __future__ import annotations
 
 import logging
 import math
-import operator
 from collections import Counter
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx
-from torch._guards import detect_fake_mode
 from torch.utils import _pytree as pytree
 
-from vdopt import meta
-from vdopt.collectives import ALL_GATHER, ALL_TO_ALL, WAIT, CommRecord
 from vdopt.mesh import AxisGroup
-from vdopt.passes.dims.layout import Dim, Factor, Layout, Split, map_reshape
+from vdopt.passes.dims.emit import Emitter, resized
+from vdopt.passes.dims.rules import DimOp, arg, dim_args, dim_map, op_rule, permutation, with_arg
+from vdopt.passes.dims.sharded_shape import Dim, Factor, ShardedShape, Split, map_reshape
 
 log = logging.getLogger(__name__)
 
 aten = torch.ops.aten
-INT_MAX = 2**63 - 1
 SDPA = aten.scaled_dot_product_attention.default
-
-_RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
-_SAME_LAYOUT = {
-    aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten.to.other, aten._to_copy.default,
-    aten.clone.default, aten.contiguous.default, aten.alias.default, aten.detach.default,
-    aten.lift_fresh_copy.default, aten.dropout.default, aten.empty_like.default,
-    aten.zeros_like.default, aten.ones_like.default, aten.full_like.default,
-    aten.rand_like.default, aten.randn_like.default, aten.fill_.Scalar, aten.type_as.default,
-}
-_NEW_TENSOR = {aten.new_zeros.default, aten.new_ones.default, aten.new_empty.default, aten.new_full.default}
-_NORMS = {aten.layer_norm.default: 1, aten.rms_norm.default: 1}  # arg index of normalized_shape
-_SOFTMAX = {aten.softmax.int, aten._softmax.default, aten.log_softmax.int, aten._log_softmax.default,
-            aten.cumsum.default}
-_REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default,
-               aten.var.correction, aten.std.correction}
-# Ops that mix everything but the leading (batch) dim: convolutions, group norm, resampling.
-_PER_SAMPLE = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default,
-               aten.conv_transpose2d.input, aten.conv_transpose3d.input, aten.group_norm.default,
-               aten.upsample_nearest2d.vec, aten.upsample_nearest3d.vec, aten.upsample_bilinear2d.vec,
-               aten.upsample_trilinear3d.vec, aten.avg_pool2d.default, aten.avg_pool3d.default}
 
 
 class NeedGather(Exception):
     """A rule cannot keep its inputs sharded: gather them and run the op replicated."""
 
 
-def _dim(d: int, ndim: int) -> int:
-    return d + ndim if d < 0 else d
-
-
 def _is_tensor_node(a: Any) -> bool:
     return isinstance(a, torch.fx.Node) and isinstance(a.meta.get("val"), torch.Tensor)
-
-
-class Emitter:
-    """Creates ``call_function`` nodes with ``meta["val"]`` (fake propagation) and ``CREATED_BY``."""
-
-    def __init__(self, graph: torch.fx.Graph, created_by: str) -> None:
-        self.graph = graph
-        self.created_by = created_by
-        vals = [n.meta.get("val") for n in graph.nodes]
-        self.fake_mode = detect_fake_mode(tuple(v for v in vals if isinstance(v, torch.Tensor)))
-        assert self.fake_mode is not None, "graph has no fake tensor metadata; was it captured by vdopt?"
-
-    def value(self, target: Callable, args: tuple, kwargs: dict) -> Any:
-        fake_args, fake_kwargs = pytree.tree_map_only(torch.fx.Node, lambda n: n.meta["val"], (args, kwargs))
-        with self.fake_mode:
-            return target(*fake_args, **fake_kwargs)
-
-    def call(self, target: Callable, args: tuple, kwargs: dict | None = None, *,
-             like: torch.fx.Node | None = None) -> torch.fx.Node:
-        kwargs = kwargs or {}
-        node = self.graph.call_function(target, args, kwargs)
-        node.meta["val"] = self.value(target, args, kwargs)
-        node.meta[meta.CREATED_BY] = self.created_by
-        if like is not None:
-            for key in ("nn_module_stack", "stack_trace", meta.BLOCK):
-                if key in like.meta:
-                    node.meta[key] = like.meta[key]
-        return node
-
-    def revalue(self, node: torch.fx.Node) -> None:
-        node.meta["val"] = self.value(node.target, node.args, node.kwargs)
-
-    # -- shorthands (all shapes are local, concrete) -----------------------------------------
-    def shape(self, x: torch.fx.Node) -> tuple[int, ...]:
-        return tuple(int(s) for s in x.meta["val"].shape)
-
-    def slice(self, x: torch.fx.Node, dim: int, start: int, end: int) -> torch.fx.Node:
-        if start == 0 and end >= self.shape(x)[dim]:
-            return x
-        return self.call(aten.slice.Tensor, (x, dim, start, end))
-
-    def reshape(self, x: torch.fx.Node, shape: Sequence[int]) -> torch.fx.Node:
-        if tuple(shape) == self.shape(x):
-            return x
-        return self.call(aten.reshape.default, (x, list(shape)))
-
-    def permute(self, x: torch.fx.Node, order: Sequence[int]) -> torch.fx.Node:
-        if list(order) == list(range(len(order))):
-            return x
-        return self.call(aten.permute.default, (x, list(order)))
-
-    def movedim(self, x: torch.fx.Node, src: int, dst: int) -> torch.fx.Node:
-        order = list(range(len(self.shape(x))))
-        order.insert(dst, order.pop(src))
-        return self.permute(x, order)
-
-    def cat(self, xs: Sequence[torch.fx.Node], dim: int) -> torch.fx.Node:
-        xs = [x for x in xs if self.shape(x)[dim] > 0]
-        return xs[0] if len(xs) == 1 else self.call(aten.cat.default, (list(xs), dim))
-
-    def contiguous(self, x: torch.fx.Node) -> torch.fx.Node:
-        return self.call(aten.clone.default, (x,), {"memory_format": torch.contiguous_format})
-
-    def pad_dim0(self, x: torch.fx.Node, extra: int) -> torch.fx.Node:
-        if extra == 0:
-            return x
-        return self.call(aten.constant_pad_nd.default, (x, [0, 0] * (len(self.shape(x)) - 1) + [0, extra], 0.0))
-
-    def all_to_all(self, flat: torch.fx.Node, out_splits: list[int], in_splits: list[int],
-                   group: AxisGroup, purpose: str) -> torch.fx.Node:
-        a2a = self.call(ALL_TO_ALL, (flat, list(out_splits), list(in_splits), group.group_name))
-        itemsize = flat.meta["val"].dtype.itemsize
-        sent = sum(s for j, s in enumerate(in_splits) if j != group.rank) * itemsize
-        a2a.meta[meta.COMM] = CommRecord(kind="all_to_all", bytes=sent, purpose=purpose, axis=group.axis)
-        return self.call(WAIT, (a2a,))
-
-    def all_gather(self, x: torch.fx.Node, group: AxisGroup, purpose: str) -> torch.fx.Node:
-        """Concatenation along dim 0 of ``x`` from every rank of ``group``, in group rank order."""
-        x = self.contiguous(x)
-        gathered = self.call(ALL_GATHER, (x, group.size, group.group_name))
-        val = x.meta["val"]
-        sent = val.numel() * val.dtype.itemsize * (group.size - 1)
-        gathered.meta[meta.COMM] = CommRecord(kind="all_gather", bytes=sent, purpose=purpose, axis=group.axis)
-        return self.call(WAIT, (gathered,))
 
 
 def _expanded(dims: Sequence[Dim], shape: Sequence[int], which: Sequence[int]) -> tuple[list[int], dict[int, int]]:
@@ -205,7 +95,7 @@ class ShardPropagator:
         gm: torch.fx.GraphModule,
         *,
         created_by: str,
-        seq_attention: Callable[["ShardPropagator", torch.fx.Node], Layout] | None = None,
+        seq_attention: Callable[["ShardPropagator", torch.fx.Node], ShardedShape] | None = None,
         before_node: Callable[["ShardPropagator", torch.fx.Node], None] | None = None,
     ) -> None:
         self.gm = gm
@@ -220,23 +110,23 @@ class ShardPropagator:
         self.gather_reasons: list[str] = []
         self._localized: dict[tuple, torch.fx.Node] = {}
         self._gathered: dict[torch.fx.Node, torch.fx.Node] = {}
-        self._resharded: dict[tuple, tuple[torch.fx.Node, Layout]] = {}
+        self._resharded: dict[tuple, tuple[torch.fx.Node, ShardedShape]] = {}
 
     # -- layouts ---------------------------------------------------------------------------
-    def layout(self, a: Any) -> Layout | None:
+    def layout(self, a: Any) -> ShardedShape | None:
         lay = self.layouts.get(a) if isinstance(a, torch.fx.Node) else None
-        return lay if isinstance(lay, Layout) else None
+        return lay if isinstance(lay, ShardedShape) else None
 
     def is_sharded(self, a: Any) -> bool:
         lay = self.layouts.get(a) if isinstance(a, torch.fx.Node) else None
-        if isinstance(lay, Layout):
+        if isinstance(lay, ShardedShape):
             return True
         if isinstance(lay, (tuple, list)):
             return any(x is not None for x in lay)
         return False
 
     @staticmethod
-    def _finish(layout: Layout | None) -> Layout | None:
+    def _finish(layout: ShardedShape | None) -> ShardedShape | None:
         return layout if layout is not None and layout.sharded_dims else None
 
     def global_shape(self, a: torch.fx.Node) -> tuple[int, ...]:
@@ -244,7 +134,7 @@ class ShardPropagator:
         return lay.shape if lay is not None else tuple(int(s) for s in a.meta["val"].shape)
 
     # -- sharding a replicated node ---------------------------------------------------------
-    def shard(self, node: torch.fx.Node, layout: Layout, *, skip: Callable[[torch.fx.Node], bool] = lambda u: False) -> torch.fx.Node:
+    def shard(self, node: torch.fx.Node, layout: ShardedShape, *, skip: Callable[[torch.fx.Node], bool] = lambda u: False) -> torch.fx.Node:
         """Replace the uses of replicated ``node`` (except those ``skip`` says) by its local chunk."""
         users = [u for u in node.users if not skip(u)]
         if not users:
@@ -290,7 +180,7 @@ class ShardPropagator:
 
     def _check(self, node: torch.fx.Node, layout: Any) -> None:
         val = node.meta.get("val")
-        if isinstance(layout, Layout):
+        if isinstance(layout, ShardedShape):
             assert isinstance(val, torch.Tensor) and tuple(val.shape) == layout.local_shape, (
                 f"{node.name}: local shape {tuple(val.shape) if isinstance(val, torch.Tensor) else val} "
                 f"!= layout {layout.describe()} -> {layout.local_shape}"
@@ -330,21 +220,10 @@ class ShardPropagator:
         return out
 
     def _localize_dim(self, x: torch.fx.Node, e: int, d: Dim) -> torch.fx.Node:
-        em = self.emit
-        shape = em.shape(x)
+        shape = self.emit.shape(x)
         assert shape[e] == d.size, f"localize: dim {e} of {x.name} is {shape[e]}, expected {d.size}"
-        body = em.slice(x, e, d.pre, d.pre + d.body)
-        sizes = [f.size for f in d.factors]
-        body = em.reshape(body, shape[:e] + tuple(sizes) + shape[e + 1:])
-        for j, f in enumerate(d.factors):
-            if f.split is not None:
-                body = em.slice(body, e + j, f.split.offset, f.split.offset + f.split.length)
-        body = em.reshape(body, shape[:e] + (d.local_body,) + shape[e + 1:])
-        parts = [em.slice(x, e, 0, d.pre)] if d.pre else []
-        parts.append(body)
-        if d.post:
-            parts.append(em.slice(x, e, d.pre + d.body, d.size))
-        return em.cat(parts, e)
+        chunks = {j: (f.split.offset, f.split.length) for j, f in enumerate(d.factors) if f.split is not None}
+        return self.emit.take(x, e, pre=d.pre, factors=[f.size for f in d.factors], chunks=chunks, post=d.post)
 
     def gather(self, x: torch.fx.Node, purpose: str) -> torch.fx.Node:
         """The full (replicated) value of sharded ``x``."""
@@ -401,8 +280,8 @@ class ShardPropagator:
             parts.append(em.slice(x, e, d.pre + d.local_body, shape[e]))
         return em.cat(parts, e)
 
-    def reshard(self, x: torch.fx.Node, layout: Layout, src: tuple[int, int], dst: tuple[int, int],
-                purpose: str, y_split: Split | None = None) -> tuple[torch.fx.Node, Layout]:
+    def reshard(self, x: torch.fx.Node, layout: ShardedShape, src: tuple[int, int], dst: tuple[int, int],
+                purpose: str, y_split: Split | None = None) -> tuple[torch.fx.Node, ShardedShape]:
         """All-to-all over the innermost axis of factor ``src``'s split, moving that axis to ``dst``.
 
         ``src``/``dst`` are (dim, factor index). Afterwards ``src`` keeps the outer axes of its
@@ -518,68 +397,19 @@ class ShardPropagator:
 
     # -- rules -------------------------------------------------------------------------------
     def rule(self, node: torch.fx.Node) -> Any:
-        t = node.target
-        if t is operator.getitem:
-            parent, idx = node.args
-            lays = self.layouts.get(parent)
-            return lays[idx] if isinstance(lays, (tuple, list)) else None
-        if str(t) == "vdopt.stage_boundary.default":
-            # PipeFusion's stage marker copies its inputs: each output keeps its input's layout
-            return tuple(self.layout(v) for v in node.args[0])
-        if t is SDPA:
-            return self.rule_sdpa(node)
-        if t in _RESHAPES or t in (aten.flatten.using_ints, aten.unflatten.int, aten.unsqueeze.default,
-                                   aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default):
-            return self.rule_reshape(node)
-        if t in (aten.permute.default, aten.transpose.int, aten.t.default):
-            return self.rule_permute(node)
-        if t is aten.expand.default:
-            return self.rule_expand(node)
-        if t is aten.slice.Tensor:
-            return self.rule_slice(node)
-        if t in (aten.select.int, aten.unbind.int):
-            return self.rule_select(node)
-        if t in (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default):
-            return self.rule_split(node)
-        if t in (aten.cat.default, aten.concat.default):
-            return self.rule_cat(node)
-        if t is aten.stack.default:
-            return self.rule_stack(node)
-        if t in _NORMS or t in _SOFTMAX:
-            return self.rule_keep_trailing(node)
-        if t in _REDUCTIONS:
-            return self.rule_reduction(node)
-        if t is aten.linear.default:
-            return self.rule_linear(node)
-        if t in _PER_SAMPLE:
-            return self.rule_per_sample(node)
-        if t in (aten.matmul.default, aten.mm.default, aten.bmm.default):
-            return self.rule_matmul(node)
-        if t is aten.einsum.default:
-            return self.rule_einsum(node)
-        if t is aten.repeat_interleave.self_int:
-            return self.rule_repeat_interleave(node)
-        if t is aten.constant_pad_nd.default:
-            return self.rule_pad(node)
-        if t is aten._assert_tensor_metadata.default:
-            node.kwargs = {k: v for k, v in node.kwargs.items() if k not in ("size", "stride")}
-            return None
-        if t in _NEW_TENSOR:
-            return None
-        if t is aten.copy_.default:
+        """The node's output sharding (a tuple for several outputs); rewrites its sizes to local."""
+        rule = op_rule(node.target)
+        handler = self._RULES.get(rule.kind) if rule is not None else None
+        if handler is None:
+            raise NeedGather("no sharding rule for this op")
+        if rule.kind is DimOp.POINTWISE and rule.inplace:
             return self.rule_inplace(node)
-        if t in _SAME_LAYOUT:
-            return self.rule_same_layout(node)
-        if isinstance(t, torch._ops.OpOverload) and torch.Tag.pointwise in t.tags:
-            if t._schema.name.endswith("_"):
-                return self.rule_inplace(node)
-            return self.rule_pointwise(node)
-        raise NeedGather("no sharding rule for this op")
+        return handler(self, node)
 
     def _out_shape(self, node: torch.fx.Node) -> tuple[int, ...]:
         return tuple(int(s) for s in node.meta["val"].shape)
 
-    def _merge_dims(self, out_shape, layouts: Sequence[Layout]) -> Layout:
+    def _merge_dims(self, out_shape, layouts: Sequence[ShardedShape]) -> ShardedShape:
         """Output dims from broadcast-aligned input layouts; split dims must agree."""
         dims = []
         for i, size in enumerate(out_shape):
@@ -593,9 +423,9 @@ class ShardPropagator:
                 dims.append(cands[0])
             else:
                 dims.append(Dim.plain(size))
-        return Layout(tuple(dims))
+        return ShardedShape(tuple(dims))
 
-    def _localize_operands(self, node: torch.fx.Node, layout: Layout, skip: Sequence[torch.fx.Node] = ()) -> None:
+    def _localize_operands(self, node: torch.fx.Node, layout: ShardedShape, skip: Sequence[torch.fx.Node] = ()) -> None:
         """Localize every replicated tensor operand of ``node`` that broadcasts against ``layout``."""
         nd = len(layout.dims)
 
@@ -617,81 +447,68 @@ class ShardPropagator:
         leaves = pytree.tree_leaves((node.args, node.kwargs))
         return [a for a in leaves if isinstance(a, torch.fx.Node) and self.is_sharded(a)]
 
-    def rule_pointwise(self, node: torch.fx.Node) -> Layout | None:
+    def rule_getitem(self, node: torch.fx.Node) -> ShardedShape | None:
+        parent, idx = node.args
+        lays = self.layouts.get(parent)
+        return lays[idx] if isinstance(lays, (tuple, list)) else None
+
+    def rule_carry(self, node: torch.fx.Node) -> tuple:
+        # PipeFusion's stage marker copies its inputs: each output keeps its input's sharding
+        return tuple(self.layout(v) for v in node.args[0])
+
+    def rule_metadata(self, node: torch.fx.Node) -> None:
+        # the recorded sizes and strides are the whole tensor's; the local chunk has its own
+        node.kwargs = {k: v for k, v in node.kwargs.items() if k not in ("size", "stride")}
+        return None
+
+    def rule_new_tensor(self, node: torch.fx.Node) -> None:
+        return None  # its shape is a literal argument: a replicated tensor
+
+    def rule_pointwise(self, node: torch.fx.Node) -> ShardedShape | None:
         out = self._out_shape(node)
         lays = [self.layout(a).aligned(len(out)) for a in self._sharded_tensor_args(node)]
         layout = self._merge_dims(out, lays)
         self._localize_operands(node, layout)
         return self._finish(layout)
 
-    def rule_inplace(self, node: torch.fx.Node) -> Layout | None:
+    def rule_inplace(self, node: torch.fx.Node) -> ShardedShape | None:
         if not self.is_sharded(node.args[0]):
             raise NeedGather("in-place update of a replicated tensor")
         return self.rule_pointwise(node)
 
-    def rule_same_layout(self, node: torch.fx.Node) -> Layout | None:
+    def rule_same_layout(self, node: torch.fx.Node) -> Any:
         x = node.args[0]
         if not self.is_sharded(x):
             return None  # e.g. type_as(replicated, sharded): the sharded one only gives a dtype
+        if isinstance(node.meta["val"], (tuple, list)):  # native_dropout: output and mask
+            return tuple(self.layout(x) for _ in node.meta["val"])
         return self.layout(x)
 
-    def rule_reshape(self, node: torch.fx.Node) -> Layout | None:
+    def rule_reshape(self, node: torch.fx.Node) -> ShardedShape | None:
         x = node.args[0]
         layout = self.layout(x)
         out = self._out_shape(node)
         new = map_reshape(layout, out)
         if new is None:
             raise NeedGather(f"reshape {layout.describe()} -> {list(out)} cuts a split factor")
-        t = node.target
-        if t in _RESHAPES:
-            node.target = aten.reshape.default
-            node.args = (x, list(new.local_shape))
-        elif t is aten.unflatten.int:
-            dim = _dim(node.args[1], len(layout.dims))
-            n = len(node.args[2])
-            node.args = (x, node.args[1], list(new.local_shape[dim: dim + n]))
-        elif t in (aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default):
-            # a split dim may be 1 locally but not globally: squeeze exactly what the global op did
-            node.target = aten.reshape.default
-            node.args = (x, list(new.local_shape))
-            node.kwargs = {}
+        node.target, node.args, node.kwargs = resized(node.target, node.args, node.kwargs, new.local_shape)
         return self._finish(new)
 
-    def rule_permute(self, node: torch.fx.Node) -> Layout | None:
-        layout = self.layout(node.args[0])
-        nd = len(layout.dims)
-        if node.target is aten.permute.default:
-            order = [_dim(d, nd) for d in node.args[1]]
-        else:
-            a, b = (node.args[1], node.args[2]) if node.target is aten.transpose.int else (0, 1)
-            order = list(range(nd))
-            if nd >= 2:
-                a, b = _dim(a, nd), _dim(b, nd)
-                order[a], order[b] = order[b], order[a]
-        return layout.permute(order)
+    def rule_permute(self, node: torch.fx.Node) -> ShardedShape | None:
+        return self.layout(node.args[0]).permute(permutation(node))
 
-    def rule_expand(self, node: torch.fx.Node) -> Layout | None:
-        layout = self.layout(node.args[0])
+    def rule_expand(self, node: torch.fx.Node) -> ShardedShape | None:
         sizes = list(node.args[1])
-        aligned = layout.aligned(len(sizes))
-        dims, local = [], []
-        for i, s in enumerate(sizes):
-            d = aligned.dims[i]
-            if s == -1 or s == d.size:
-                dims.append(d)
-                local.append(d.local_size)
-            else:
-                assert d.size == 1
-                dims.append(Dim.plain(s))
-                local.append(s)
-        node.args = (node.args[0], local) + tuple(node.args[2:])
-        return Layout(tuple(dims))
+        aligned = self.layout(node.args[0]).aligned(len(sizes))
+        dims = tuple(d if s in (-1, d.size) else Dim.plain(s) for s, d in zip(sizes, aligned.dims))
+        layout = ShardedShape(dims)
+        node.target, node.args, node.kwargs = resized(node.target, node.args, node.kwargs, layout.local_shape)
+        return layout
 
-    def rule_slice(self, node: torch.fx.Node) -> Layout | None:
+    def rule_slice(self, node: torch.fx.Node) -> ShardedShape | None:
         x = node.args[0]
         layout = self.layout(x)
-        nd = len(layout.dims)
-        dim = _dim(node.args[1] if len(node.args) > 1 else 0, nd)
+        (dim,) = dim_args(node)
         d = layout.dims[dim]
         start = node.args[2] if len(node.args) > 2 else None
         end = node.args[3] if len(node.args) > 3 else None
@@ -721,11 +538,10 @@ class ShardPropagator:
 
     def rule_select(self, node: torch.fx.Node) -> Any:
         layout = self.layout(node.args[0])
-        nd = len(layout.dims)
-        dim = _dim(node.args[1] if len(node.args) > 1 else 0, nd)
-        if layout.dims[dim].sharded:
+        dm = dim_map(node)
+        if any(layout.dims[d].sharded for d in dm.mixed):
             raise NeedGather("select/unbind along a split dim")
-        rest = Layout(layout.dims[:dim] + layout.dims[dim + 1:])
+        rest = ShardedShape(tuple(d for d, to in zip(layout.dims, dm.out) if to is not None))
         if node.target is aten.select.int:
             return self._finish(rest)
         return tuple(self._finish(rest) for _ in node.meta["val"])
@@ -733,8 +549,7 @@ class ShardPropagator:
     def rule_split(self, node: torch.fx.Node) -> Any:
         x = node.args[0]
         layout = self.layout(x)
-        nd = len(layout.dims)
-        dim = _dim(node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0), nd)
+        (dim,) = dim_args(node)
         d = layout.dims[dim]
         sizes = [int(v.shape[dim]) for v in node.meta["val"]]
         if not d.sharded:
@@ -749,12 +564,10 @@ class ShardPropagator:
         node.kwargs = {}
         return tuple(self._finish(layout.with_dim(dim, new[name])) for _, name in parts)
 
-    def rule_cat(self, node: torch.fx.Node) -> Layout | None:
+    def rule_cat(self, node: torch.fx.Node) -> ShardedShape | None:
         xs = list(node.args[0])
-        dim_arg = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
         out = self._out_shape(node)
-        nd = len(out)
-        dim = _dim(dim_arg, nd)
+        (dim,) = dim_args(node)
         sharded = [x for x in xs if self.is_sharded(x)]
         along = [x for x in sharded if self.layout(x).dims[dim].sharded]
         others = [self.layout(x).with_dim(dim, Dim.plain(out[dim])) for x in sharded]
@@ -774,75 +587,64 @@ class ShardPropagator:
         self._localize_operands(node, layout.with_dim(dim, Dim.plain(out[dim])))
         return layout
 
-    def rule_stack(self, node: torch.fx.Node) -> Layout | None:
+    def rule_stack(self, node: torch.fx.Node) -> ShardedShape | None:
         xs = list(node.args[0])
         out = self._out_shape(node)
-        dim = _dim(node.args[1] if len(node.args) > 1 else 0, len(out))
+        (dim,) = dim_args(node)
         lays = []
         for x in xs:
             if self.is_sharded(x):
                 lay = self.layout(x)
-                lays.append(Layout(lay.dims[:dim] + (Dim.plain(out[dim]),) + lay.dims[dim:]))
+                lays.append(ShardedShape(lay.dims[:dim] + (Dim.plain(out[dim]),) + lay.dims[dim:]))
         layout = self._merge_dims(out, lays)
-        in_layout = Layout(layout.dims[:dim] + layout.dims[dim + 1:])
+        in_layout = ShardedShape(layout.dims[:dim] + layout.dims[dim + 1:])
         self._localize_operands(node, in_layout)
         return layout
 
-    def rule_keep_trailing(self, node: torch.fx.Node) -> Layout | None:
-        x = node.args[0]
-        layout = self.layout(x)
-        nd = len(layout.dims)
-        if node.target in _NORMS:
-            lo = nd - len(node.args[_NORMS[node.target]])
-            reduced = set(range(lo, nd))
-        else:
-            reduced = {_dim(node.args[1], nd)}
-        if any(layout.dims[i].sharded for i in reduced):
+    def rule_mix_within(self, node: torch.fx.Node) -> ShardedShape | None:
+        """Norms and softmax: values mix along some dims, the shape stays."""
+        layout = self.layout(node.args[0])
+        if any(layout.dims[i].sharded for i in dim_map(node).mixed):
             raise NeedGather("normalizes over a split dim")
         for a in pytree.tree_leaves((node.args[1:], node.kwargs)):
             if isinstance(a, torch.fx.Node) and self.is_sharded(a):
                 raise NeedGather("weight is sharded")
         return layout
 
-    def rule_reduction(self, node: torch.fx.Node) -> Layout | None:
+    def rule_reduction(self, node: torch.fx.Node) -> ShardedShape | None:
         layout = self.layout(node.args[0])
-        nd = len(layout.dims)
-        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
+        if dim_args(node) is None:
             raise NeedGather("reduction over all dims")
-        dims = {_dim(d, nd) for d in ([dims] if isinstance(dims, int) else dims)}
-        if any(layout.dims[i].sharded for i in dims):
+        dm = dim_map(node)
+        if any(layout.dims[i].sharded for i in dm.mixed):
             raise NeedGather("reduction over a split dim")
-        keep = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 and isinstance(node.args[2], bool) else False)
-        if node.target in (aten.var.correction, aten.std.correction):
-            keep = node.kwargs.get("keepdim", False)
-        new = [Dim() if i in dims else d for i, d in enumerate(layout.dims) if keep or i not in dims]
-        return self._finish(Layout(tuple(new)))
+        new = [Dim() if i in dm.mixed else d for i, (d, to) in enumerate(zip(layout.dims, dm.out)) if to is not None]
+        return self._finish(ShardedShape(tuple(new)))
 
-    def rule_linear(self, node: torch.fx.Node) -> Layout | None:
+    def rule_linear(self, node: torch.fx.Node) -> ShardedShape | None:
         x = node.args[0]
         if any(self.is_sharded(a) for a in node.args[1:]) or not self.is_sharded(x):
             raise NeedGather("sharded weight")
         layout = self.layout(x)
-        if layout.dims[-1].sharded:
+        if any(layout.dims[i].sharded for i in dim_map(node).mixed):
             raise NeedGather("contracts a split dim")
         return layout.with_dim(len(layout.dims) - 1, Dim.plain(self._out_shape(node)[-1]))
 
-    def rule_per_sample(self, node: torch.fx.Node) -> Layout | None:
+    def rule_per_sample(self, node: torch.fx.Node) -> ShardedShape | None:
         x = node.args[0]
         layout = self.layout(x)
         others = [a for a in pytree.tree_leaves((node.args[1:], node.kwargs)) if self.is_sharded(a)]
-        if layout is None or others or any(d.sharded for d in layout.dims[1:]):
+        if layout is None or others or any(layout.dims[i].sharded for i in dim_map(node).mixed):
             raise NeedGather("mixes values across a split non-batch dim")
         out = self._out_shape(node)
-        return Layout((layout.dims[0],) + tuple(Dim.plain(n) for n in out[1:]))
+        return ShardedShape((layout.dims[0],) + tuple(Dim.plain(n) for n in out[1:]))
 
-    def rule_matmul(self, node: torch.fx.Node) -> Layout | None:
+    def rule_matmul(self, node: torch.fx.Node) -> ShardedShape | None:
         a, b = node.args[0], node.args[1]
         if not self.is_sharded(a) or self.is_sharded(b):
             raise NeedGather("only the left operand may be split")
         la = self.layout(a)
-        if la.dims[-1].sharded or len(la.dims) < 2:
+        if len(la.dims) < 2 or any(la.dims[i].sharded for i in dim_map(node).mixed):
             raise NeedGather("contracts a split dim")
         out = self._out_shape(node)
         if len(out) != len(la.dims):
@@ -850,14 +652,14 @@ class ShardPropagator:
         layout = la.with_dim(len(out) - 1, Dim.plain(out[-1]))
         b_shape = tuple(int(s) for s in b.meta["val"].shape)
         if len(b_shape) > 2:
-            batch = Layout(layout.dims[:-2]).aligned(len(b_shape) - 2)
+            batch = ShardedShape(layout.dims[:-2]).aligned(len(b_shape) - 2)
             need = [(e, batch.dims[e]) for e in range(len(b_shape) - 2)
                     if batch.dims[e].sharded and b_shape[e] == batch.dims[e].size and b_shape[e] != 1]
             if need:
                 node.args = (a, self.localize(b, need)) + tuple(node.args[2:])
         return layout
 
-    def rule_einsum(self, node: torch.fx.Node) -> Layout | None:
+    def rule_einsum(self, node: torch.fx.Node) -> ShardedShape | None:
         eq, operands = node.args[0], list(node.args[1])
         if "..." in eq or "->" not in eq:
             raise NeedGather("implicit einsum")
@@ -889,16 +691,16 @@ class ShardPropagator:
             new_ops.append(self.localize(x, need))
         node.args = (eq, new_ops)
         out = self._out_shape(node)
-        return self._finish(Layout(tuple(letter_dim.get(ch, Dim.plain(out[i])) for i, ch in enumerate(out_letters))))
+        return self._finish(ShardedShape(tuple(letter_dim.get(ch, Dim.plain(out[i])) for i, ch in enumerate(out_letters))))
 
-    def rule_repeat_interleave(self, node: torch.fx.Node) -> Layout | None:
+    def rule_repeat_interleave(self, node: torch.fx.Node) -> ShardedShape | None:
         x = node.args[0]
         layout = self.layout(x)
         repeats = node.args[1]
-        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
-        if dim is None:
+        dims = dim_args(node)
+        if dims is None:
             raise NeedGather("repeat_interleave of a flattened tensor")
-        dim = _dim(dim, len(layout.dims))
+        (dim,) = dims
         d = layout.dims[dim]
         out = self._out_shape(node)
         if not d.sharded:
@@ -908,13 +710,11 @@ class ShardPropagator:
         else:
             new = Dim(d.factors + ((Factor("?", repeats),) if repeats != 1 else ()))
         layout = layout.with_dim(dim, new)
-        if "output_size" in node.kwargs:
-            node.kwargs = {**node.kwargs, "output_size": layout.local_shape[dim]}
-        if len(node.args) > 3:
-            node.args = tuple(node.args[:3]) + (layout.local_shape[dim],)
+        if arg(node, "output_size") is not None:
+            node.args, node.kwargs = with_arg(node.target, node.args, node.kwargs, "output_size", layout.local_shape[dim])
         return layout
 
-    def rule_pad(self, node: torch.fx.Node) -> Layout | None:
+    def rule_pad(self, node: torch.fx.Node) -> ShardedShape | None:
         layout = self.layout(node.args[0])
         pad = node.args[1]
         nd = len(layout.dims)
@@ -926,7 +726,7 @@ class ShardPropagator:
                 if dims[i].sharded:
                     raise NeedGather("pads a split dim")
                 dims[i] = Dim.plain(out[i])
-        return Layout(tuple(dims))
+        return ShardedShape(tuple(dims))
 
     # -- attention ---------------------------------------------------------------------------
     @staticmethod
@@ -946,7 +746,9 @@ class ShardPropagator:
                 args[3] = mask
         node.args = tuple(args)
 
-    def rule_sdpa(self, node: torch.fx.Node) -> Layout | None:
+    def rule_sdpa(self, node: torch.fx.Node) -> ShardedShape | None:
+        if node.target is not SDPA:
+            raise NeedGather("no sharding rule for vdopt's attention (sequence parallel runs before lowering)")
         q, k, v, mask = self.sdpa_inputs(node)
         lk, lv = self.layout(k), self.layout(v)
         kv_seq = any(lay is not None and lay.dims[2].sharded for lay in (lk, lv))
@@ -957,7 +759,7 @@ class ShardPropagator:
             return self.seq_attention(self, node)
         return self.local_sdpa(node)
 
-    def local_sdpa(self, node: torch.fx.Node) -> Layout | None:
+    def local_sdpa(self, node: torch.fx.Node) -> ShardedShape | None:
         """SDPA whose keys are whole on every rank: only batch, heads or query rows are split."""
         q, k, v, mask = self.sdpa_inputs(node)
         if self.is_sharded(mask) and self.layout(mask).aligned(4).dims[3].sharded:
@@ -969,10 +771,10 @@ class ShardPropagator:
             if lay.dims[3].sharded or (t is not q and lay.dims[2].sharded):
                 raise NeedGather("split head dim")
         out = self._out_shape(node)
-        batch_heads = self._merge_dims(out[:2], [Layout(lay.dims[:2]) for lay in lays.values()])
+        batch_heads = self._merge_dims(out[:2], [ShardedShape(lay.dims[:2]) for lay in lays.values()])
         lq = self.layout(q)
         q_rows = lq.dims[2] if lq is not None else Dim.plain(out[2])
-        layout = Layout(batch_heads.dims + (q_rows, Dim.plain(out[3])))
+        layout = ShardedShape(batch_heads.dims + (q_rows, Dim.plain(out[3])))
         new = []
         for t in (q, k, v):
             if self.is_sharded(t):
@@ -985,8 +787,20 @@ class ShardPropagator:
             new.append(self.localize(t, need))
         if mask is not None and not self.is_sharded(mask):
             mshape = self.emit.shape(mask)
-            want = Layout(layout.dims[:3] + (Dim.plain(1),)).dims[4 - len(mshape):]
+            want = ShardedShape(layout.dims[:3] + (Dim.plain(1),)).dims[4 - len(mshape):]
             need = [(e, want[e]) for e in range(len(mshape)) if want[e].sharded and mshape[e] == want[e].size and mshape[e] != 1]
             mask = self.localize(mask, need)
         self.set_sdpa_inputs(node, *new, mask)
         return self._finish(layout)
+
+    _RULES: dict[DimOp, Callable[["ShardPropagator", torch.fx.Node], Any]] = {
+        DimOp.GETITEM: rule_getitem, DimOp.CARRY: rule_carry, DimOp.ATTENTION: rule_sdpa,
+        DimOp.RESHAPE: rule_reshape, DimOp.PERMUTE: rule_permute, DimOp.EXPAND: rule_expand,
+        DimOp.SLICE: rule_slice, DimOp.SELECT: rule_select, DimOp.SPLIT: rule_split, DimOp.CAT: rule_cat,
+        DimOp.STACK: rule_stack, DimOp.NORMALIZE: rule_mix_within, DimOp.ALONG: rule_mix_within,
+        DimOp.REDUCE: rule_reduction, DimOp.LINEAR: rule_linear, DimOp.PER_SAMPLE: rule_per_sample,
+        DimOp.MATMUL: rule_matmul, DimOp.EINSUM: rule_einsum, DimOp.REPEAT_INTERLEAVE: rule_repeat_interleave,
+        DimOp.PAD: rule_pad, DimOp.METADATA: rule_metadata, DimOp.NEW: rule_new_tensor,
+        DimOp.IDENTITY: rule_same_layout, DimOp.POINTWISE: rule_pointwise,
+    }
+    """What this pass does per kind of op; kinds missing here (collectives) are gathered first."""

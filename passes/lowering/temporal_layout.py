@@ -39,29 +39,24 @@ from typing import Any, ClassVar
 import torch
 import torch.fx
 from torch.utils import _pytree as pytree
-from vdopt.passes.base import PassContext, PassResult
-from vdopt.passes.graph_utils import insert_call, refresh_values
-
 from vdopt import meta
+from vdopt.passes.base import PassContext, PassResult
+from vdopt.passes.dims.emit import Emitter
+from vdopt.passes.dims.rules import (
+    DimOp, OpRule, arg, dim_args, dim_map, dim_rank, first_input, op_rule, permutation, with_arg,
+)
+from vdopt.passes.graph_utils import refresh_values
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
 
-_RESHAPES = {aten.reshape.default, aten.view.default, aten._unsafe_view.default}
-_TRANSPOSES = {aten.transpose.int, aten.permute.default}
 _SWAP_1_2 = (0, 2, 1, 3)
 _PACKED_TO_SEQS = (2, 0, 3, 1, 4)
-_ROW_OPS = {aten.linear.default, aten.layer_norm.default}
-"""Ops that act on the last dim of their first argument only (the other arguments are weights)."""
-_UNARY = {
-    aten.gelu.default, aten.silu.default, aten.relu.default, aten.tanh.default, aten.sigmoid.default,
-    aten.neg.default, aten.exp.default, aten.rsqrt.default, aten.pow.Tensor_Scalar, aten._to_copy.default,
-    aten.clone.default, aten.add.Scalar, aten.sub.Scalar, aten.mul.Scalar, aten.div.Scalar,
-}
-_BINARY = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor}
-_REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default}
-if hasattr(aten, "rms_norm"):
-    _ROW_OPS.add(aten.rms_norm.default)
+_TRAILING = {DimOp.LINEAR, DimOp.NORMALIZE, DimOp.REDUCE, DimOp.ALONG, DimOp.RESHAPE, DimOp.SELECT,
+             DimOp.SLICE, DimOp.STACK, DimOp.CAT}
+"""Kinds of ops that run unchanged on the region's layout when every dim they touch comes after
+the grid (rotary embeddings' unflatten/unbind/stack/flatten of D, norms, projections); their
+dim arguments are rewritten to count from the end."""
 
 # Roles of the region's nodes: what the old tensor is and what replaces it.
 TOKENS = "tokens"  # (P, T, C) -> (B, T, HW, C)
@@ -117,23 +112,32 @@ def _shape(node: Any) -> tuple[int, ...] | None:
     return tuple(val.shape) if isinstance(val, torch.Tensor) else None
 
 
+def _rule(node: Any) -> OpRule | None:
+    return op_rule(node.target) if isinstance(node, torch.fx.Node) and node.op == "call_function" else None
+
+
+def _kind(node: Any) -> DimOp | None:
+    rule = _rule(node)
+    return rule.kind if rule is not None else None
+
+
+def _is_reshape(node: Any) -> bool:
+    """A view or reshape to a literal shape (not flatten, unflatten or (un)squeeze)."""
+    rule = _rule(node)
+    return rule is not None and rule.kind is DimOp.RESHAPE and rule.sizes in ("size", "shape")
+
+
 def _permutation(node: torch.fx.Node) -> tuple[int, ...] | None:
-    """The permutation a ``transpose``/``permute`` node applies."""
-    rank = len(_shape(node))
-    if node.target == aten.permute.default:
-        return tuple(d % rank for d in node.args[1])
-    dims = sorted(d % rank for d in node.args[1:3])
-    order = list(range(rank))
-    order[dims[0]], order[dims[1]] = order[dims[1]], order[dims[0]]
-    return tuple(order)
+    """The permutation a permute/transpose node applies, or None for other nodes."""
+    return tuple(permutation(node)) if _kind(node) is DimOp.PERMUTE else None
 
 
 def _entry_layout(node: torch.fx.Node) -> tuple[torch.fx.Node, TokenLayout] | None:
     """``(latent, layout)`` when ``node`` is ``reshape(swap12(latent (B, T, HW, C)), (B*HW, T, C))``."""
-    if node.op != "call_function" or node.target not in _RESHAPES:
+    if not _is_reshape(node):
         return None
     swapped = node.args[0]
-    if not (isinstance(swapped, torch.fx.Node) and swapped.target in _TRANSPOSES):
+    if _kind(swapped) is not DimOp.PERMUTE:
         return None
     latent, shape, out = swapped.args[0], _shape(swapped.args[0]), _shape(node)
     if shape is None or len(shape) != 4 or out is None or _permutation(swapped) != _SWAP_1_2:
@@ -148,12 +152,6 @@ _GRID = {TOKENS: 2, HEADS: 2, SEQS: 3}
 """Roles per-element ops may act on, with their leading "grid" dims (P and T, plus N for SEQS);
 the dims after them (C, or N and D) are the same in both layouts."""
 _FRAME_DIM = {TOKENS: 1, HEADS: 1, SEQS: 2}
-_TRAILING = {
-    aten.unflatten.int: (1,), aten.select.int: (1,), aten.flatten.using_ints: (1, 2),
-    aten.stack.default: (1,), aten.cat.default: (1,), aten.unsqueeze.default: (1,),
-}
-"""Ops that reshape or index dims after the grid only (rotary embeddings): positions of their dim args."""
-_TRAILING_DEFAULTS = {aten.flatten.using_ints: (0, -1), aten.stack.default: (0,), aten.cat.default: (0,)}
 
 
 def _padded(shape: tuple[int, ...], rank: int) -> tuple[int, ...]:
@@ -177,26 +175,28 @@ def _side_order(role: str, rank: int) -> list[int] | None:
     return None if role == SEQS else [0, 2, 1, *range(3, rank + 1)]
 
 
-def _trailing_dims(node: torch.fx.Node) -> list[tuple[int, int, int]]:
-    """``(arg position, dim, rank it refers to)`` of a trailing-dim op's dim args."""
-    defaults = _TRAILING_DEFAULTS.get(node.target, ())
-    rank = len(_shape(node) if node.target in (aten.stack.default, aten.unsqueeze.default) else _shape(_first(node)))
-    dims = []
-    for i, position in enumerate(_TRAILING[node.target]):
-        dim = node.args[position] if len(node.args) > position else defaults[i]
-        dims.append((position, dim % rank, rank))
-    return dims
+def _touched_dims(node: torch.fx.Node) -> set[int] | None:
+    """The dims a trailing-kind op names, mixes or removes (None: all of them)."""
+    named = dim_args(node)
+    if named is None:
+        return None
+    mapping = dim_map(node)
+    touched = set(named)
+    if mapping is not None:
+        touched |= set(mapping.mixed) | {d for d, to in enumerate(mapping.out) if to is None}
+    return touched
 
 
-def _first(node: torch.fx.Node) -> Any:
-    """The op's (first) tensor input: ``args[0]``, or the first of a list."""
-    first = node.args[0]
-    return first[0] if isinstance(first, (list, tuple)) and first else first
-
-
-def _last_dim_only(node: torch.fx.Node) -> bool:
-    shape = _shape(node)
-    return shape is not None and len(shape) <= 1
+def _dims_from_end(node: torch.fx.Node, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """``args``/``kwargs`` with the op's dim arguments counted from the end (the region's layout
+    has one more leading dim, so dims after the grid keep their negative index)."""
+    rule = op_rule(node.target)
+    rank = dim_rank(node, rule)
+    for name in rule.dims:
+        value = arg(node, name)
+        from_end = [d % rank - rank for d in value] if isinstance(value, (list, tuple)) else value % rank - rank
+        args, kwargs = with_arg(node.target, args, kwargs, name, from_end)
+    return args, kwargs
 
 
 def _tensor_args(node: torch.fx.Node) -> list[torch.fx.Node]:
@@ -211,7 +211,7 @@ def _role(node: torch.fx.Node, roles: dict[torch.fx.Node, str], layout: TokenLay
     source = roles.get(node.args[0]) if node.args and isinstance(node.args[0], torch.fx.Node) else None
     out = _shape(node)
     p, t = layout.sequences, layout.frames
-    if node.target in _RESHAPES and source is not None and out is not None:
+    if _is_reshape(node) and source is not None and out is not None:
         if len(_shape(node.args[0])) != {TOKENS: 3, HEADS: 4}.get(source):
             return None
         if source == TOKENS and len(out) == 4 and out[:2] == (p, t):
@@ -223,9 +223,9 @@ def _role(node: torch.fx.Node, roles: dict[torch.fx.Node, str], layout: TokenLay
         if source == HEADS and len(out) == 3 and out[:2] == (p, t):
             return TOKENS
         return None
-    if node.target in _TRANSPOSES and _permutation(node) == _SWAP_1_2:
+    if _permutation(node) == _SWAP_1_2:
         return {HEADS: SEQS, SEQS: HEADS, BY_POSITION: EXIT}.get(source)
-    if node.target in _TRANSPOSES and _permutation(node) == _PACKED_TO_SEQS:
+    if _permutation(node) == _PACKED_TO_SEQS:
         return PACKED_SEQS if source == PACKED else None
     if node.target == aten.unbind.int:
         dim = node.args[1] if len(node.args) > 1 else 0
@@ -249,30 +249,27 @@ def _elementwise_role(node: torch.fx.Node, roles: dict[torch.fx.Node, str], layo
     operands = _tensor_args(node)
     found = {roles[a] for a in operands if a in roles}
     role = found.pop() if len(found) == 1 else None
-    out, first = _shape(node), _shape(_first(node))
-    if role not in _GRID or out is None or first is None or len(out) <= _GRID[role]:
+    out, first = _shape(node), _shape(first_input(node))
+    rule = _rule(node)
+    if rule is None or role not in _GRID or out is None or first is None or len(out) <= _GRID[role]:
         return None
-    if node.target in _BINARY:
-        ok = all(roles.get(a) == role or (a not in roles and _side_fits(a, role, len(out), layout))
-                 for a in node.args[:2])
+    if rule.kind is DimOp.POINTWISE:  # every operand a region tensor or a side that broadcasts
+        ok = not rule.inplace and all(
+            roles.get(a) == role or (a not in roles and a in node.args and _side_fits(a, role, len(out), layout))
+            for a in operands)
         return role if ok else None
-    if node.target in _TRAILING:
-        inputs = node.args[0] if isinstance(node.args[0], (list, tuple)) else [node.args[0]]
-        ok = all(roles.get(a) == role for a in inputs) and len(operands) == len(inputs)
-        return role if ok and all(dim >= _GRID[role] for _, dim, _ in _trailing_dims(node)) else None
-    if roles.get(node.args[0]) != role or any(a in roles for a in operands[1:]):
+    if rule.kind is DimOp.CAT or rule.kind is DimOp.STACK:
+        inputs = node.args[0]
+        if not (all(roles.get(a) == role for a in inputs) and len(operands) == len(inputs)):
+            return None
+    elif roles.get(node.args[0]) != role or any(a in roles for a in operands[1:]):
         return None  # the region tensor must be the op's input, not a weight
-    if node.target in _REDUCTIONS:  # over the last dim, kept: (..., 1)
-        dims = [d % len(first) for d in node.args[1]]
-        keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
-        return role if dims == [len(first) - 1] and keep and not operands[1:] else None
-    if node.target == aten.linear.default:
-        return role if out[:-1] == first[:-1] else None
-    if node.target in _ROW_OPS:  # norms: over the last dim only
-        return role if len(node.args[1]) == 1 and all(_last_dim_only(a) for a in operands[1:]) else None
-    if node.target in _UNARY:
-        return role if out == first and not operands[1:] else None
-    return None
+    if rule.kind is DimOp.IDENTITY:
+        return role
+    if rule.kind not in _TRAILING or rule.kind is DimOp.RESHAPE and not rule.dims:
+        return None
+    touched = _touched_dims(node)
+    return role if touched is not None and all(d >= _GRID[role] for d in touched) else None
 
 
 def _describe(node: torch.fx.Node) -> str:
@@ -329,8 +326,10 @@ class TemporalLayout:
         new: dict[torch.fx.Node, torch.fx.Node] = {region.entry: region.latent}
         rewired: set[torch.fx.Node] = set()  # read the exit, now read the region's own tensor
 
+        em = Emitter(graph, self.name)
+
         def call(target, args, like, kwargs=None):
-            return insert_call(graph, target, args, kwargs, created_by=self.name, like=like)
+            return em.call(target, args, kwargs, like=like)
 
         def side(operand: Any, role: str, rank: int, like: torch.fx.Node) -> Any:
             """An operand, in the region's layout: mapped, or re-viewed to broadcast like it."""
@@ -363,18 +362,16 @@ class TemporalLayout:
                     dim = node.args[1] if len(node.args) > 1 else 0
                     rank = len(_shape(node.args[0]))
                     new[node] = call(aten.unbind.int, (source, 0 if role == UNBOUND else dim % rank - rank), node)
-                elif node.target in _RESHAPES or node.target in _TRANSPOSES:
+                elif _is_reshape(node) or _kind(node) is DimOp.PERMUTE:
                     new[node] = call(*self._relayout(node, role, source, region.layout), node)
-                elif node.target in _TRAILING:  # same op, dims counted from the end
-                    args = list(pytree.tree_map_only(torch.fx.Node, lambda a: new[a], node.args))
-                    for position, dim, rank in _trailing_dims(node):
-                        args += [None] * (position + 1 - len(args))
-                        args[position] = dim - rank
-                    new[node] = call(node.target, tuple(args), node, dict(node.kwargs))
-                else:  # per-token or per-head op: same op, operands re-viewed
-                    mapped, rank = (2 if node.target in _BINARY else 1), len(_shape(node))
-                    args = tuple(side(a, role, rank, node) if i < mapped else a for i, a in enumerate(node.args))
-                    new[node] = call(node.target, args, node, dict(node.kwargs))
+                else:  # per-token or per-head op: same op, operands re-viewed, dims counted from the end
+                    if _kind(node) is DimOp.POINTWISE:
+                        rank = len(_shape(node))
+                        args = tuple(side(a, role, rank, node) if isinstance(a, torch.fx.Node) else a for a in node.args)
+                    else:  # the region tensor(s) mapped; weights as they are
+                        args = tuple(pytree.tree_map_only(torch.fx.Node, lambda a: new.get(a, a), node.args))
+                    args, kwargs = _dims_from_end(node, args, dict(node.kwargs))
+                    new[node] = call(node.target, args, node, kwargs)
         for node in reversed(region.roles):
             assert not node.users, f"{node} still has users after the temporal rewrite"
             graph.erase_node(node)
@@ -385,7 +382,7 @@ class TemporalLayout:
         """``(target, args)`` of the view that gives ``node``'s role in the region's layout."""
         b, t, hw = layout.batch, layout.frames, layout.positions
         shape = _shape(node)
-        if role == HEADS and node.target in _RESHAPES:  # split: (B, T, HW, N, D)
+        if role == HEADS and _is_reshape(node):  # split: (B, T, HW, N, D)
             return aten.reshape.default, (source, [b, t, hw, *shape[2:]])
         if role == PACKED:  # (B, T, HW, 3, N, D)
             return aten.reshape.default, (source, [b, t, hw, *shape[2:]])

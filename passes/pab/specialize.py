@@ -1,14 +1,7 @@
 """Specialize a graph for Pyramid Attention Broadcast: reused regions become cache inputs.
 
-A *region* is the part of the graph that computes one broadcastable value: an attention
-module's output (its input norms, Q/K/V projections, q/k norms, SDPA, output projection, and
-any collectives sequence parallel put inside it) or, with MLP broadcast, a feed-forward
-module's output. A region is found from the final per-rank graph, after every other pass,
-by module scope (``nn_module_stack``, which ``insert_call(like=...)`` copies onto new nodes):
-its outputs are the nodes in the module's scope that something outside the scope reads.
-That is what diffusers' PAB hook caches too (the attention module's return value).
-
-A *variant* is the graph specialized for one pattern of reused PAB kinds:
+A *variant* is the graph specialized for one pattern of reused PAB kinds (regions come from
+``vdopt.passes.pab.regions``):
 
 * every region of a reused kind reads its outputs from new cache inputs; everything that
   only fed those outputs (projections, norms, attention, all-to-alls) is then dead code and
@@ -24,223 +17,22 @@ graph's flattened inputs and outputs (``flat_copy`` drops the pytree codegen).
 from __future__ import annotations
 
 import dataclasses
-import logging
-from collections import Counter
-from collections.abc import Collection
 from typing import ClassVar
 
 import torch
 import torch.fx
-from vdopt.passes.analysis.sites import AttentionSite
-from vdopt.passes.base import PassContext, PassResult
 
 from vdopt import meta
-
-log = logging.getLogger(__name__)
+from vdopt.passes.base import PassContext, PassResult
+from vdopt.passes.pab.regions import PABRegion, ancestors, count_compute
 
 aten = torch.ops.aten
 
-PAB_KIND_OF_SITE: dict[str, str] = {
-    "spatial": "spatial",
-    "full": "spatial",
-    "joint_text": "spatial",
-    "temporal": "temporal",
-    "cross": "cross",
-}
-"""PAB kind (schedule group) of each attention site kind. ``full`` and ``joint_text``
-self-attention follow the spatial settings; ``text`` self-attention is never broadcast."""
+CACHE_INPUT_PREFIX = "pab_cache_"
+"""Name prefix of the placeholders a variant reads cached region outputs from."""
+CACHE_KEY = "vdopt.pab_cache_key"
+"""Metadata of a cache placeholder: the cache key (``PABRegion.cache_keys``) it reads."""
 
-PAB_KINDS: tuple[str, ...] = ("spatial", "temporal", "cross", "mlp")
-"""Every PAB kind, in report order."""
-
-_LINEARS = {aten.linear.default, aten.addmm.default, aten.mm.default, aten.matmul.default}
-_CACHE_INPUT_PREFIX = "pab_cache_"
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class PABRegion:
-    """One broadcastable region of the graph."""
-
-    name: str
-    """The module path (an attention site's name, or the feed-forward module's path)."""
-    kind: str
-    """PAB kind: ``spatial``, ``temporal``, ``cross`` or ``mlp``."""
-    site_kind: str
-    """The analysis kind of the site (``full``, ``joint_text``, ...), or ``mlp``."""
-    outputs: tuple[str, ...]
-    """Names of the nodes whose values are cached (the module's return values)."""
-    scope_nodes: int
-    """Number of nodes in the module's scope (for the report)."""
-
-    def cache_keys(self) -> tuple[str, ...]:
-        """Stable keys of this region's cached values: ``<name>:<index>``."""
-        return tuple(f"{self.name}:{i}" for i in range(len(self.outputs)))
-
-
-# -- finding regions -------------------------------------------------------------------------
-
-def _stack(node: torch.fx.Node) -> list[tuple[str, str]]:
-    """``[(key, path), ...]`` outermost first; keys tell repeated calls of a module apart."""
-    stack = node.meta.get("nn_module_stack") or {}
-    return [(key, value[0]) for key, value in stack.items()]
-
-
-def _scopes(graph: torch.fx.Graph) -> tuple[dict[str, list[torch.fx.Node]], dict[str, list[str]]]:
-    """Nodes per module-call key, and the keys per module path."""
-    nodes: dict[str, list[torch.fx.Node]] = {}
-    keys: dict[str, list[str]] = {}
-    for n in graph.nodes:
-        if n.op != "call_function":
-            continue
-        for key, path in _stack(n):
-            if key not in nodes:
-                nodes[key] = []
-                keys.setdefault(path, []).append(key)
-            nodes[key].append(n)
-    return nodes, keys
-
-
-def _unscoped_pass_node(node: torch.fx.Node) -> bool:
-    """A node a vdopt pass inserted without module scope (no ``like=``), e.g. a collective."""
-    return meta.CREATED_BY in node.meta and not node.meta.get("nn_module_stack")
-
-
-def region_outputs(scope: list[torch.fx.Node], side_outputs: Collection[torch.fx.Node] = ()) -> list[torch.fx.Node]:
-    """Nodes of ``scope`` read from outside it (or by the graph output), in graph order.
-
-    A pass may insert nodes inside a module's computation without giving them its scope
-    (an all-to-all between the projections and SDPA). Their inputs then look like outputs;
-    such a node is internal when it feeds only unscoped pass nodes and is an ancestor of a
-    real output, so it is not cached.
-
-    ``side_outputs`` are values the graph returns besides the model's outputs (PipeFusion's
-    fresh K/V): being returned does not make one of them a region output, so a reused region
-    still computes it rather than replaying a cached copy.
-    """
-    inside = set(scope)
-    side = set(side_outputs)
-
-    def outside_users(n: torch.fx.Node) -> list[torch.fx.Node]:
-        return [u for u in n.users if u not in inside and not (u.op == "output" and n in side)]
-
-    candidates = [n for n in scope if outside_users(n) and isinstance(n.meta.get("val"), torch.Tensor)]
-
-    def leaks_only(n: torch.fx.Node) -> bool:
-        return all(_unscoped_pass_node(u) for u in outside_users(n))
-
-    real = [n for n in candidates if not leaks_only(n)]
-    upstream = _ancestors(real) - set(real)
-    return [n for n in candidates if not (leaks_only(n) and n in upstream)]
-
-
-def _is_attention(node: torch.fx.Node) -> bool:
-    return meta.SITE in node.meta or node.target is aten.scaled_dot_product_attention.default
-
-
-def find_attention_regions(
-    graph: torch.fx.Graph, sites: tuple[AttentionSite, ...], side_outputs: Collection[torch.fx.Node] = ()
-) -> tuple[list[PABRegion], dict[str, str]]:
-    """One region per broadcastable attention site; ``skipped`` says why a site has none."""
-    scopes, keys_of_path = _scopes(graph)
-    by_module: dict[str, list[AttentionSite]] = {}
-    for site in sites:
-        if site.kind in PAB_KIND_OF_SITE:
-            by_module.setdefault(site.name.split("#")[0], []).append(site)
-    regions: list[PABRegion] = []
-    skipped: dict[str, str] = {}
-    nodes_by_name = {n.name: n for n in graph.nodes}
-    # A graph rebuilt from another (PipeFusion's patch graphs) keeps the site tag, not the name.
-    nodes_by_site = {n.meta[meta.SITE].name: n for n in graph.nodes if meta.SITE in n.meta}
-    for path, module_sites in by_module.items():
-        site = module_sites[0]
-        kinds = {PAB_KIND_OF_SITE[s.kind] for s in module_sites}
-        keys = keys_of_path.get(path, [])
-        if len(kinds) > 1:
-            skipped[site.name] = "module mixes attention kinds"
-            continue
-        if len(keys) > 1:
-            skipped[site.name] = "module is called more than once per step"
-            continue
-        if keys:
-            scope = scopes[keys[0]]
-        else:
-            # No module scope (a functional attention call): cache the attention op alone.
-            node = nodes_by_site.get(site.name, nodes_by_name.get(site.node))
-            if node is None:
-                skipped[site.name] = "attention node not found in the final graph"
-                continue
-            scope = [node]
-        if not any(_is_attention(n) for n in scope):
-            skipped[site.name] = "module scope holds no attention node"
-            continue
-        outputs = region_outputs(scope, side_outputs)
-        if not outputs:
-            skipped[site.name] = "module output not found"
-            continue
-        regions.append(
-            PABRegion(
-                name=path,
-                kind=kinds.pop(),
-                site_kind=site.kind,
-                outputs=tuple(n.name for n in outputs),
-                scope_nodes=len(scope),
-            )
-        )
-    return regions, skipped
-
-
-def find_feedforward_regions(graph: torch.fx.Graph, side_outputs: Collection[torch.fx.Node] = ()) -> list[PABRegion]:
-    """Feed-forward modules inside transformer blocks: the outermost module in a block with
-    two or more projections and no attention, and a single output."""
-    scopes, _ = _scopes(graph)
-    blocks = {n.meta[meta.BLOCK] for n in graph.nodes if meta.BLOCK in n.meta}
-
-    def qualifies(key: str, path: str) -> bool:
-        scope = scopes[key]
-        in_block = any(path.startswith(b + ".") for b in blocks)
-        linears = sum(n.target in _LINEARS for n in scope)
-        return in_block and linears >= 2 and not any(_is_attention(n) for n in scope)
-
-    chosen: dict[str, str] = {}
-    for n in graph.nodes:
-        if n.op != "call_function":
-            continue
-        stack = _stack(n)
-        for i, (key, path) in enumerate(stack):
-            if key in chosen or not qualifies(key, path):
-                continue
-            if any(qualifies(k, p) for k, p in stack[:i]):
-                continue
-            chosen[key] = path
-            break
-    regions = []
-    for key, path in chosen.items():
-        outputs = region_outputs(scopes[key], side_outputs)
-        if len(outputs) != 1:
-            log.info("PAB: feed-forward module %s has %d outputs; not broadcast", path, len(outputs))
-            continue
-        regions.append(
-            PABRegion(name=path, kind="mlp", site_kind="mlp", outputs=(outputs[0].name,), scope_nodes=len(scopes[key]))
-        )
-    return regions
-
-
-def find_pab_regions(
-    graph: torch.fx.Graph,
-    sites: tuple[AttentionSite, ...],
-    *,
-    mlp: bool = False,
-    side_outputs: Collection[torch.fx.Node] = (),
-) -> tuple[list[PABRegion], dict[str, str]]:
-    """Broadcastable regions of the final graph (attention sites, and feed-forwards if ``mlp``),
-    and the sites left out with the reason. ``side_outputs``: see ``region_outputs``."""
-    regions, skipped = find_attention_regions(graph, sites, side_outputs)
-    if mlp:
-        regions += find_feedforward_regions(graph, side_outputs)
-    return regions, skipped
-
-
-# -- the rewrite -----------------------------------------------------------------------------
 
 def flat_copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """A copy of ``gm`` called with flat leaves and returning a flat tuple.
@@ -262,18 +54,6 @@ def _output_node(graph: torch.fx.Graph) -> torch.fx.Node:
 def _output_values(graph: torch.fx.Graph) -> list:
     value = _output_node(graph).args[0]
     return list(value) if isinstance(value, (tuple, list)) else [value]
-
-
-def _ancestors(nodes: list[torch.fx.Node]) -> set[torch.fx.Node]:
-    seen: set[torch.fx.Node] = set()
-    stack = list(nodes)
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        stack.extend(n.all_input_nodes)
-    return seen
 
 
 def _removable_side_effect(node: torch.fx.Node) -> bool:
@@ -302,19 +82,16 @@ def eliminate_dead_regions(graph: torch.fx.Graph, cone: set[torch.fx.Node]) -> N
     graph.eliminate_dead_code(is_impure_node=is_impure)
 
 
-def count_compute(graph: torch.fx.Graph) -> Counter:
-    """Projections, attention ops and collectives in ``graph`` (what a reused region drops)."""
-    counts: Counter = Counter()
-    for n in graph.nodes:
-        if n.op != "call_function":
-            continue
-        if n.target in _LINEARS:
-            counts["linear"] += 1
-        elif _is_attention(n):
-            counts["attention"] += 1
-        elif getattr(n.target, "namespace", None) in ("_c10d_functional", "c10d_functional"):
-            counts["collective"] += 1
-    return counts
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CachePoint:
+    """One region output a variant touches."""
+
+    key: str
+    """Cache key (``<region>:<index>``)."""
+    node: torch.fx.Node
+    """The node computing the region output."""
+    reused: bool
+    """True: replaced by a cache input; False: also returned to refill the cache."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -341,43 +118,53 @@ class PABSpecialize:
             k for r in self.regions if r.kind in self.cache and r.kind not in self.reuse for k in r.cache_keys()
         )
 
+    def find_cache_points(self, graph: torch.fx.Graph) -> list[CachePoint]:
+        """The region outputs this variant reads from the cache, then those it returns for it."""
+        nodes = {n.name: n for n in graph.nodes}
+        reused = [
+            CachePoint(key=key, node=nodes[out], reused=True)
+            for r in self.regions if r.kind in self.reuse
+            for key, out in zip(r.cache_keys(), r.outputs)
+        ]
+        refilled = [
+            CachePoint(key=key, node=nodes[out], reused=False)
+            for r in self.regions if r.kind in self.cache and r.kind not in self.reuse
+            for key, out in zip(r.cache_keys(), r.outputs)
+        ]
+        return reused + refilled
+
+    def rewrite(self, graph: torch.fx.Graph, points: list[CachePoint]) -> list[torch.fx.Node]:
+        """Route reused outputs through new cache inputs and return the refilled ones after the
+        graph's outputs; returns the replaced nodes (the cones to drop)."""
+        last_placeholder = [n for n in graph.nodes if n.op == "placeholder"][-1]
+        replaced = []
+        for i, point in enumerate(p for p in points if p.reused):
+            with graph.inserting_after(last_placeholder):
+                cache = graph.placeholder(f"{CACHE_INPUT_PREFIX}{i}")
+            last_placeholder = cache
+            cache.meta["val"] = point.node.meta["val"]
+            cache.meta[meta.CREATED_BY] = self.name
+            cache.meta[CACHE_KEY] = point.key
+            point.node.replace_all_uses_with(cache)
+            replaced.append(point.node)
+        refilled = tuple(p.node for p in points if not p.reused)
+        _output_node(graph).args = (tuple(_output_values(graph)) + refilled,)
+        return replaced
+
     def __call__(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         graph = gm.graph
         assert type(graph._codegen) is torch.fx.graph.CodeGen, "PABSpecialize needs a flat graph (flat_copy)"
-        nodes = {n.name: n for n in graph.nodes}
         before = count_compute(graph)
         n_before = len(graph.nodes)
-        last_placeholder = [n for n in graph.nodes if n.op == "placeholder"][-1]
-
-        replaced: list[torch.fx.Node] = []
-        new_inputs = 0
-        for region in self.regions:
-            if region.kind not in self.reuse:
-                continue
-            for key, out_name in zip(region.cache_keys(), region.outputs):
-                out = nodes[out_name]
-                with graph.inserting_after(last_placeholder):
-                    cache = graph.placeholder(f"{_CACHE_INPUT_PREFIX}{new_inputs}")
-                last_placeholder = cache
-                new_inputs += 1
-                cache.meta["val"] = out.meta["val"]
-                cache.meta[meta.CREATED_BY] = self.name
-                cache.meta["vdopt.pab_cache_key"] = key
-                out.replace_all_uses_with(cache)
-                replaced.append(out)
-
-        outputs = _output_values(graph)
-        extra = [nodes[name] for r in self.regions if r.kind in self.cache and r.kind not in self.reuse for name in r.outputs]
-        out_node = _output_node(graph)
-        out_node.args = (tuple(outputs) + tuple(extra),)
-
-        eliminate_dead_regions(graph, _ancestors(replaced))
+        points = self.find_cache_points(graph)
+        replaced = self.rewrite(graph, points)
+        eliminate_dead_regions(graph, ancestors(replaced))
         after = count_compute(graph)
         stats = {
             "reused_regions": sum(r.kind in self.reuse for r in self.regions),
-            "cache_inputs": new_inputs,
-            "cache_outputs": len(extra),
-            "removed_nodes": n_before + new_inputs - len(graph.nodes),
+            "cache_inputs": len(replaced),
+            "cache_outputs": len(points) - len(replaced),
+            "removed_nodes": n_before + len(replaced) - len(graph.nodes),
             **{f"removed_{k}": before[k] - after[k] for k in ("linear", "attention", "collective") if before[k] != after[k]},
         }
-        return PassResult(gm=gm, modified=bool(replaced or extra), stats=stats)
+        return PassResult(gm=gm, modified=bool(points), stats=stats)

@@ -17,8 +17,8 @@ import torch.fx
 from vdopt import meta
 from vdopt.collectives import comm_stats, records
 from vdopt.passes.base import PassContext, PassResult
-from vdopt.passes.dims.layout import Dim, Factor, Layout, Split
 from vdopt.passes.dims.propagation import ShardPropagator
+from vdopt.passes.dims.sharded_shape import Dim, Factor, ShardedShape, Split
 
 
 def find_batch_inputs(graph: torch.fx.Graph, batch: int) -> list[torch.fx.Node]:
@@ -60,7 +60,7 @@ class CFGParallel:
         inputs = find_batch_inputs(gm.graph, batch)
         for p in inputs:
             shape = tuple(int(s) for s in p.meta["val"].shape)
-            layout = Layout((Dim((Factor("B", batch, split),)),) + tuple(Dim.plain(s) for s in shape[1:]))
+            layout = ShardedShape((Dim((Factor("B", batch, split),)),) + tuple(Dim.plain(s) for s in shape[1:]))
             # the export guards check the caller's full inputs
             prop.shard(p, layout, skip=lambda u: u.op == "call_module")
         prop.run()

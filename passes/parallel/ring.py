@@ -19,8 +19,8 @@ import torch.fx
 
 from vdopt import meta
 from vdopt.collectives import CommRecord
-from vdopt.passes.dims.layout import Dim, Layout
 from vdopt.passes.dims.propagation import NeedGather, ShardPropagator
+from vdopt.passes.dims.sharded_shape import Dim, ShardedShape
 from vdopt.passes.parallel.ulysses import sequence_factor
 from vdopt.ring_attention import ring_bytes_sent
 
@@ -41,7 +41,7 @@ def _body_and_fixed(prop: ShardPropagator, x: torch.fx.Node, d: Dim, dim: int):
     return body, (em.cat(rows, dim) if rows else None)
 
 
-def ring_attention(prop: ShardPropagator, node: torch.fx.Node, purpose: str) -> tuple[torch.fx.Node, Layout, Layout]:
+def ring_attention(prop: ShardPropagator, node: torch.fx.Node, purpose: str) -> tuple[torch.fx.Node, ShardedShape, ShardedShape]:
     """Replace SDPA ``node`` (q/k/v split along the sequence over the ring axis) by ring attention."""
     q, k, v, mask = prop.sdpa_inputs(node)
     lq, lk, lv = (prop.layout(t) for t in (q, k, v))
@@ -73,7 +73,7 @@ def ring_attention(prop: ShardPropagator, node: torch.fx.Node, purpose: str) -> 
         if prop.is_sharded(mask):
             raise NeedGather("mask computed from split values")
         mshape = em.shape(mask)
-        want = Layout(lq.dims[:3] + (Dim.plain(1),)).dims[4 - len(mshape):]
+        want = ShardedShape(lq.dims[:3] + (Dim.plain(1),)).dims[4 - len(mshape):]
         need = [(e, want[e]) for e in range(len(mshape) - 1) if want[e].sharded and mshape[e] == want[e].size and mshape[e] != 1]
         mask = prop.localize(mask, need)
         if mshape[-1] == 1:
@@ -94,7 +94,7 @@ def ring_attention(prop: ShardPropagator, node: torch.fx.Node, purpose: str) -> 
                  + vval.numel() // max(1, vval.shape[-2]) * vval.dtype.itemsize)
     ring.meta[meta.COMM] = CommRecord(kind="p2p", bytes=ring_bytes_sent(block_lens, group.rank, key_bytes),
                                       purpose=purpose, axis=group.axis)
-    out_layout = Layout(lq.dims[:3] + (Dim.plain(em.shape(v)[-1]),))
+    out_layout = ShardedShape(lq.dims[:3] + (Dim.plain(em.shape(v)[-1]),))
     prop.layouts[ring] = out_layout
     prop.notes[purpose] = "ring"
     return ring, out_layout, out_layout

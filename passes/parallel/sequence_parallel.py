@@ -29,24 +29,19 @@ from vdopt import meta
 from vdopt.collectives import comm_stats, per_purpose_notes, records
 from vdopt.passes.analysis.sites import VideoLayout
 from vdopt.passes.base import PassContext, PassResult
+from vdopt.passes.dims.propagation import ShardPropagator
+from vdopt.passes.dims.rules import DimOp, op_rule, permutation, shape_of
+from vdopt.passes.dims.sharded_shape import Dim, Factor, ShardedShape, Split, map_reshape
 from vdopt.passes.parallel.dsp import WANT, first_split, plan_blocks, switch_axis_hook
 from vdopt.passes.parallel.ring import ring_attention
-from vdopt.passes.dims.layout import Dim, Factor, Layout, Split, map_reshape
-from vdopt.passes.dims.propagation import ShardPropagator
 from vdopt.passes.parallel.ulysses import ulysses_attention
 
 _CONVS = {torch.ops.aten.conv2d.default, torch.ops.aten.conv3d.default, torch.ops.aten.convolution.default}
+_FOLLOW = {DimOp.RESHAPE, DimOp.PERMUTE, DimOp.IDENTITY}
+"""Kinds of ops the token stream is followed through from the patch embedding."""
 
 
-_FOLLOW = {
-    torch.ops.aten.flatten.using_ints, torch.ops.aten.transpose.int, torch.ops.aten.permute.default,
-    torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default,
-    torch.ops.aten.unflatten.int, torch.ops.aten.contiguous.default, torch.ops.aten.clone.default,
-    torch.ops.aten.to.dtype, torch.ops.aten._to_copy.default,
-}
-
-
-def _conv_layout(conv: torch.fx.Node, grid: VideoLayout, batch: int) -> Layout | None:
+def _conv_layout(conv: torch.fx.Node, grid: VideoLayout, batch: int) -> ShardedShape | None:
     """The patch embedding's output as factors: (B[*T], C, [T,] H, W)."""
     shape = tuple(int(s) for s in conv.meta["val"].shape)
 
@@ -55,13 +50,13 @@ def _conv_layout(conv: torch.fx.Node, grid: VideoLayout, batch: int) -> Layout |
 
     T, H, W = grid.frames, grid.height, grid.width
     if len(shape) == 5 and shape[0] == batch and shape[2:] == (T, H, W):
-        return Layout((dim(("B", batch)), dim(("C", shape[1])), dim(("T", T)), dim(("H", H)), dim(("W", W))))
+        return ShardedShape((dim(("B", batch)), dim(("C", shape[1])), dim(("T", T)), dim(("H", H)), dim(("W", W))))
     if len(shape) == 4 and shape[0] == batch * T and shape[2:] == (H, W):
-        return Layout((dim(("B", batch), ("T", T)), dim(("C", shape[1])), dim(("H", H)), dim(("W", W))))
+        return ShardedShape((dim(("B", batch), ("T", T)), dim(("C", shape[1])), dim(("H", H)), dim(("W", W))))
     return None
 
 
-def _token_dims(layout: Layout) -> list[Dim] | None:
+def _token_dims(layout: ShardedShape) -> list[Dim] | None:
     """(B, T*S, C) or (B*T, S, C) with S = H*W as one factor, or None (size-1 factors are absent)."""
     labels = [[f.label for f in d.factors] for d in layout.dims]
     if len(labels) != 3 or labels[2] != ["C"] or not labels[1]:
@@ -96,21 +91,12 @@ def find_token_stream(graph: torch.fx.Graph, grid: VideoLayout, batch: int) -> t
         return None
     layouts = {conv: start}
     for n in graph.nodes:
-        if n.op != "call_function" or n.target not in _FOLLOW or n.args[0] not in layouts:
+        rule = op_rule(n.target) if n.op == "call_function" else None
+        out = shape_of(n)
+        if rule is None or rule.kind not in _FOLLOW or out is None or n.args[0] not in layouts:
             continue
         lay = layouts[n.args[0]]
-        out = tuple(int(s) for s in n.meta["val"].shape)
-        if n.target in (torch.ops.aten.transpose.int, torch.ops.aten.permute.default):
-            nd = len(lay.dims)
-            if n.target is torch.ops.aten.permute.default:
-                order = [d % nd for d in n.args[1]]
-            else:
-                order = list(range(nd))
-                a, b = n.args[1] % nd, n.args[2] % nd
-                order[a], order[b] = order[b], order[a]
-            new = lay.permute(order)
-        else:
-            new = map_reshape(lay, out)
+        new = lay.permute(permutation(n)) if rule.kind is DimOp.PERMUTE else map_reshape(lay, out)
         if new is None:
             continue
         layouts[n] = new
@@ -219,7 +205,7 @@ class SequenceParallel:
             plan, purposes = plan_blocks(ctx.sites)
             hook = switch_axis_hook(plan, purposes)
         prop = ShardPropagator(gm, created_by=self.name, seq_attention=seq_attention, before_node=hook)
-        prop.shard(point, Layout(tuple(dims)))
+        prop.shard(point, ShardedShape(tuple(dims)))
         prop.run()
         gm.graph.eliminate_dead_code()
         comms = records(n for n in gm.graph.nodes if n.meta.get(meta.CREATED_BY) == self.name)

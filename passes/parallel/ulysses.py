@@ -17,14 +17,14 @@ from typing import Callable
 
 import torch.fx
 
-from vdopt.passes.dims.layout import Dim, Factor, Layout
 from vdopt.passes.dims.propagation import NeedGather, ShardPropagator
+from vdopt.passes.dims.sharded_shape import Dim, Factor, ShardedShape
 
-Attend = Callable[[ShardPropagator, torch.fx.Node, str], tuple[torch.fx.Node, Layout, Layout]]
+Attend = Callable[[ShardPropagator, torch.fx.Node, str], tuple[torch.fx.Node, ShardedShape, ShardedShape]]
 """``attend(prop, sdpa_node, purpose) -> (result node, its layout, the SDPA node's own layout)``."""
 
 
-def sequence_factor(layout: Layout) -> int:
+def sequence_factor(layout: ShardedShape) -> int:
     """Index of the split factor in the sequence dim (2) of a (B, N, L, D) layout."""
     split = [j for j, f in enumerate(layout.dims[2].factors) if f.split is not None]
     if len(split) != 1:
@@ -32,7 +32,7 @@ def sequence_factor(layout: Layout) -> int:
     return split[0]
 
 
-def with_head_factor(layout: Layout) -> Layout:
+def with_head_factor(layout: ShardedShape) -> ShardedShape:
     """``layout`` with its heads dim (1) as one factor ``N`` (the factor the all-to-all splits)."""
     d = layout.dims[1]
     if d.sharded or d.joint:
@@ -40,7 +40,7 @@ def with_head_factor(layout: Layout) -> Layout:
     return layout.with_dim(1, Dim((Factor("N", d.size),)))
 
 
-def ulysses_attention(prop: ShardPropagator, node: torch.fx.Node, purpose: str, inner: Attend) -> tuple[torch.fx.Node, Layout, Layout]:
+def ulysses_attention(prop: ShardPropagator, node: torch.fx.Node, purpose: str, inner: Attend) -> tuple[torch.fx.Node, ShardedShape, ShardedShape]:
     """Rewrite SDPA ``node`` whose q/k/v are split along the sequence (innermost axis not ring).
 
     Returns the node that holds the attention output (split like q), its layout, and the

@@ -24,16 +24,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import operator
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.fx
-from torch._guards import detect_fake_mode
 from torch.utils import _pytree as pytree
 
-from vdopt import meta
-from vdopt.passes.graph_utils import fake_value
+from vdopt.passes.dims.emit import Emitter, resized
+from vdopt.passes.dims.rules import DimOp, arg, dim_args, dim_map, op_rule, shape_of
+from vdopt.passes.graph_utils import fake_mode_of
 
 aten = torch.ops.aten
 CREATED_BY = "patch_shapes"
@@ -93,16 +92,7 @@ def _val(x: Any) -> Any:
     return x.meta.get("val") if isinstance(x, torch.fx.Node) else x
 
 
-def _shape(x: Any) -> tuple[int, ...] | None:
-    v = _val(x)
-    return tuple(int(s) for s in v.shape) if isinstance(v, torch.Tensor) else None
-
-
-def _norm_dim(dim: int, rank: int) -> int:
-    return dim + rank if dim < 0 else dim
-
-
-def resized(shape: Sequence[int], pd: PatchDim | None, extent: int, length: int) -> tuple[int, ...]:
+def patch_shape(shape: Sequence[int], pd: PatchDim | None, extent: int, length: int) -> tuple[int, ...]:
     """``shape`` of a tensor with the patched axis at ``length`` instead of ``extent``."""
     shape = tuple(shape)
     if pd is None:
@@ -133,36 +123,22 @@ def _reshape_dim(in_shape: Sequence[int], pd: PatchDim, out_shape: Sequence[int]
     raise PatchError(f"reshape {tuple(in_shape)} -> {tuple(out_shape)} splits the patched axis")
 
 
-# -- inference rules -----------------------------------------------------------------------------
+# -- inference rules: what a patch does per kind of op (``dims.rules``) -----------------------------
 
 # rule(node, dims_of, extent) -> (output dims, [(input node, PatchDim it must have)])
-Rule = Callable[[torch.fx.Node, Callable[[Any], Dims]], tuple[Dims, list]]
-
-_POINTWISE_EXTRA = {
-    aten.dropout.default, aten.type_as.default, aten.to.dtype, aten.to.dtype_layout, aten.to.device,
-    aten._to_copy.default, aten.contiguous.default, aten.copy_.default, aten.empty_like.default,
-    aten.zeros_like.default, aten.ones_like.default, aten.full_like.default, aten.alias.default,
-    aten.detach.default, aten.lift_fresh_copy.default, aten.clone.default, aten.native_dropout.default,
-    aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.where.self,
-}
-
-
-def _is_pointwise(target: Any) -> bool:
-    return target in _POINTWISE_EXTRA or (
-        isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags
-    )
+Rule = Callable[[torch.fx.Node, Callable[[Any], Dims], int], tuple[Dims, list]]
 
 
 def _broadcast(node: torch.fx.Node, operands: Iterable[Any], dims_of, out_shape: Sequence[int]) -> tuple[Dims, list]:
     """Operands broadcast (right-aligned) to ``out_shape``."""
     rank = len(out_shape)
     out: PatchDim | None = None
-    operands = [x for x in operands if _shape(x) is not None]
+    operands = [x for x in operands if shape_of(x) is not None]
     for x in operands:
         pd = dims_of(x)
         if pd is None:
             continue
-        cand = pd.at(pd.dim + rank - len(_shape(x)))
+        cand = pd.at(pd.dim + rank - len(shape_of(x)))
         if out is not None and out != cand:
             raise PatchError(f"{node.name}: operands hold the patched axis in different places ({out} vs {cand})")
         out = cand
@@ -171,165 +147,54 @@ def _broadcast(node: torch.fx.Node, operands: Iterable[Any], dims_of, out_shape:
     reqs = []
     for x in operands:
         if dims_of(x) is None and isinstance(x, torch.fx.Node):
-            shape = _shape(x)
+            shape = shape_of(x)
             d = out.dim - (rank - len(shape))
             if d >= 0 and shape[d] != 1:
                 reqs.append((x, out.at(d)))
     return out, reqs
 
 
-def _rule_pointwise(node, dims_of, extent=0):
+def _rule_pointwise(node, dims_of, extent):
+    rule = op_rule(node.target)
     operands = list(node.args) + list(node.kwargs.values())
-    if node.target is aten.copy_.default:
-        operands = [node.args[0], node.args[1]]
-    elif node.target is aten.type_as.default:
-        operands = [node.args[0]]  # the second argument only gives the dtype
-    out_dims, reqs = _broadcast(node, operands, dims_of, _shape(node))
-    if node.target is aten.native_dropout.default:
-        return (out_dims, out_dims), reqs
-    return out_dims, reqs
+    if rule.operands is not None:
+        operands = list(node.args[: rule.operands])
+    return _broadcast(node, operands, dims_of, shape_of(node))
 
 
-def _leading(node, dims_of, x, keep: int):
-    """Ops that transform the trailing dims of ``x`` and keep its first ``keep`` dims."""
-    pd = dims_of(x)
-    if pd is None:
-        return None, []
-    if pd.dim >= keep:
-        raise PatchError(f"{node.name} ({node.target}) reduces or mixes the patched axis")
-    return pd, []
-
-
-def _rule_linear(node, dims_of, extent):
-    x = node.args[0]
-    for w in node.args[1:]:
-        if isinstance(w, torch.fx.Node) and dims_of(w) is not None:
-            raise PatchError(f"{node.name}: weights hold the patched axis")
-    return _leading(node, dims_of, x, len(_shape(x)) - 1)
-
-
-def _rule_norm(node, dims_of, extent):
-    x = node.args[0]
-    return _leading(node, dims_of, x, len(_shape(x)) - len(node.args[1]))
-
-
-def _rule_softmax(node, dims_of, extent):
-    x = node.args[0]
-    pd = dims_of(x)
-    if pd is not None and _norm_dim(node.args[1], len(_shape(x))) == pd.dim:
-        raise PatchError(f"{node.name}: softmax over the patched axis")
-    return pd, []
-
-
-def _rule_reduce(node, dims_of, extent):
-    x = node.args[0]
-    pd = dims_of(x)
-    if pd is None:
-        return None, []
-    rank = len(_shape(x))
-    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-    if dims is None:
-        raise PatchError(f"{node.name}: reduction over all dims, the patched axis included")
-    dims = [_norm_dim(d, rank) for d in ([dims] if isinstance(dims, int) else dims)]
-    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
-    if pd.dim in dims:
-        raise PatchError(f"{node.name}: reduction over the patched axis")
-    return pd.at(pd.dim if keepdim else pd.dim - sum(1 for d in dims if d < pd.dim)), []
-
-
-def _rule_matmul(node, dims_of, extent):
-    a, b = node.args[0], node.args[1]
-    if dims_of(b) is not None:
+def _rule_follow(node, dims_of, extent):
+    """Ops that keep, move or drop whole dims (``dims.rules.dim_map``): the axis follows its dim."""
+    kind = op_rule(node.target).kind
+    if kind is DimOp.LINEAR and any(isinstance(w, torch.fx.Node) and dims_of(w) is not None for w in node.args[1:]):
+        raise PatchError(f"{node.name}: weights hold the patched axis")
+    if kind is DimOp.MATMUL and dims_of(node.args[1]) is not None:
         raise PatchError(f"{node.name}: matmul with the patched axis on the right operand")
-    pd = dims_of(a)
+    pd = dims_of(node.args[0])
     if pd is None:
         return None, []
-    ra, rout = len(_shape(a)), len(_shape(node))
-    if pd.dim == ra - 1:
-        raise PatchError(f"{node.name}: matmul contracts the patched axis")
-    return pd.at(pd.dim + rout - ra), []
+    dm = dim_map(node)
+    if pd.dim in dm.mixed:
+        raise PatchError(f"{node.name} ({node.target}) reduces or mixes the patched axis")
+    out = pd.at(dm.out[pd.dim])
+    if isinstance(_val(node), (tuple, list)):  # unbind; native_dropout's output and mask
+        return tuple(out for _ in _val(node)), []
+    return out, []
 
 
 def _rule_reshape(node, dims_of, extent):
+    if dim_map(node) is not None:  # (un)squeeze: whole dims move
+        return _rule_follow(node, dims_of, extent)
     x = node.args[0]
     pd = dims_of(x)
     if pd is None:
         return None, []
-    return _reshape_dim(_shape(x), pd, _shape(node), extent), []
-
-
-def _rule_permute(node, dims_of, extent):
-    pd = dims_of(node.args[0])
-    if pd is None:
-        return None, []
-    rank = len(_shape(node.args[0]))
-    order = [_norm_dim(d, rank) for d in node.args[1]]
-    return pd.at(order.index(pd.dim)), []
-
-
-def _rule_transpose(node, dims_of, extent):
-    pd = dims_of(node.args[0])
-    if pd is None:
-        return None, []
-    rank = len(_shape(node.args[0]))
-    if node.target is aten.t.default:
-        a, b = 0, 1
-    else:
-        a, b = _norm_dim(node.args[1], rank), _norm_dim(node.args[2], rank)
-    d = b if pd.dim == a else a if pd.dim == b else pd.dim
-    return pd.at(d), []
-
-
-def _rule_unsqueeze(node, dims_of, extent):
-    pd = dims_of(node.args[0])
-    if pd is None:
-        return None, []
-    d = _norm_dim(node.args[1], len(_shape(node)))
-    return pd.at(pd.dim + 1 if d <= pd.dim else pd.dim), []
-
-
-def _rule_squeeze(node, dims_of, extent):
-    x = node.args[0]
-    pd = dims_of(x)
-    if pd is None:
-        return None, []
-    shape = _shape(x)
-    if node.target is aten.squeeze.default:
-        dims = [i for i, s in enumerate(shape) if s == 1]
-    else:
-        dims = node.args[1]
-        dims = [dims] if isinstance(dims, int) else list(dims)
-        dims = [_norm_dim(d, len(shape)) for d in dims if shape[_norm_dim(d, len(shape))] == 1]
-    return pd.at(pd.dim - sum(1 for d in dims if d < pd.dim)), []
-
-
-def _rule_expand(node, dims_of, extent):
-    pd = dims_of(node.args[0])
-    if pd is None:
-        return None, []
-    return pd.at(pd.dim + len(_shape(node)) - len(_shape(node.args[0]))), []
-
-
-def _rule_select(node, dims_of, extent):
-    x = node.args[0]
-    pd = dims_of(x)
-    if pd is None:
-        return None, []
-    d = _norm_dim(node.args[1], len(_shape(x)))
-    if d == pd.dim:
-        raise PatchError(f"{node.name}: select along the patched axis")
-    return pd.at(pd.dim - 1 if d < pd.dim else pd.dim), []
+    return _reshape_dim(shape_of(x), pd, shape_of(node), extent), []
 
 
 def _slice_args(node) -> tuple[int, int, int, int]:
-    x = node.args[0]
-    size_dims = _shape(x)
-    args = list(node.args) + [None] * (5 - len(node.args))
-    dim = _norm_dim(args[1] if args[1] is not None else node.kwargs.get("dim", 0), len(size_dims))
-    start = args[2] if args[2] is not None else node.kwargs.get("start", 0) or 0
-    end = args[3] if args[3] is not None else node.kwargs.get("end", None)
-    step = args[4] if args[4] is not None else node.kwargs.get("step", 1)
-    size = size_dims[dim]
+    (dim,) = dim_args(node)
+    size = shape_of(node.args[0])[dim]
+    start, end, step = arg(node, "start") or 0, arg(node, "end"), arg(node, "step")
     end = size if end is None else end
     start = max(0, start + size if start < 0 else start)
     end = min(size, end + size if end < 0 else end)
@@ -362,13 +227,7 @@ def _rule_split(node, dims_of, extent):
     pieces = _val(node)
     if pd is None:
         return tuple(None for _ in pieces), []
-    rank = len(_shape(x))
-    if node.target is aten.unbind.int:
-        d = _norm_dim(node.args[1] if len(node.args) > 1 else 0, rank)
-        if d == pd.dim:
-            raise PatchError(f"{node.name}: unbind along the patched axis")
-        return tuple(pd.at(pd.dim - 1 if d < pd.dim else pd.dim) for _ in pieces), []
-    d = _norm_dim(node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0), rank)
+    (d,) = dim_args(node)
     if d != pd.dim:
         return tuple(pd for _ in pieces), []
     if node.target is not aten.split_with_sizes.default:
@@ -388,33 +247,32 @@ def _rule_split(node, dims_of, extent):
 
 
 def _rule_cat(node, dims_of, extent):
-    tensors = [t for t in node.args[0] if _shape(t) is not None and _shape(t) != (0,)]
-    rank = len(_shape(node))
-    d = _norm_dim(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0), rank)
+    """``cat`` and ``stack``."""
+    tensors = [t for t in node.args[0] if shape_of(t) is not None and shape_of(t) != (0,)]
+    (d,) = dim_args(node)
     annotated = [(i, dims_of(t)) for i, t in enumerate(tensors) if dims_of(t) is not None]
     if not annotated:
         return None, []
-    if node.target is aten.stack.default:
-        first = annotated[0][1]
-        out = first.at(first.dim + 1 if d <= first.dim else first.dim)
+    first = annotated[0][1]
+    if op_rule(node.target).kind is DimOp.STACK:
+        out = first.at(dim_map(node).out[first.dim])
         reqs = [(t, first) for t in tensors if dims_of(t) is None and isinstance(t, torch.fx.Node)]
         if any(pd != first for _, pd in annotated):
             raise PatchError(f"{node.name}: stacked tensors hold the patched axis differently")
         return out, reqs
-    first = annotated[0][1]
     if first.dim != d:
         if any(pd != first for _, pd in annotated):
             raise PatchError(f"{node.name}: concatenated tensors hold the patched axis differently")
         reqs = [
             (t, first) for t in tensors
-            if dims_of(t) is None and isinstance(t, torch.fx.Node) and _shape(t)[first.dim] != 1
+            if dims_of(t) is None and isinstance(t, torch.fx.Node) and shape_of(t)[first.dim] != 1
         ]
         return first, reqs
     if len(annotated) > 1:
         raise PatchError(f"{node.name}: concatenates two tensors along the patched axis")
     i, pd = annotated[0]
-    before = sum(_shape(t)[d] for t in tensors[:i])
-    after = sum(_shape(t)[d] for t in tensors[i + 1 :])
+    before = sum(shape_of(t)[d] for t in tensors[:i])
+    after = sum(shape_of(t)[d] for t in tensors[i + 1 :])
     return dataclasses.replace(pd, offset=pd.offset + before, tail=pd.tail + after), []
 
 
@@ -426,7 +284,7 @@ def _attention_qkv(node):
 def _rule_attention(node, dims_of, extent):
     q, k, v = _attention_qkv(node)
     qd, kd, vd = dims_of(q), dims_of(k), dims_of(v)
-    rank = len(_shape(q))
+    rank = len(shape_of(q))
     seq = rank - 2
     mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
     if node.target is not aten.scaled_dot_product_attention.default:
@@ -455,7 +313,7 @@ def _rule_attention(node, dims_of, extent):
     if isinstance(mask, torch.fx.Node) and out is not None:
         # K/V stay whole (merged with the cache) or carry no patched axis, so the mask's key
         # dim stays whole too; its query (or batch) dim follows q
-        ms = _shape(mask)
+        ms = shape_of(mask)
         if node.target is aten.scaled_dot_product_attention.default:
             mask_dim = out.dim - (rank - len(ms))  # (..., Sq, Skv) broadcast against q
         else:
@@ -505,57 +363,21 @@ def _rule_getitem(node, dims_of, extent):
     return dims[index], []
 
 
-def _rules() -> dict[Any, Rule]:
-    import vdopt.ops  # noqa: F401
-
-    rules: dict[Any, Rule] = {
-        aten.linear.default: _rule_linear,
-        aten.layer_norm.default: _rule_norm,
-        aten.rms_norm.default: _rule_norm,
-        aten.softmax.int: _rule_softmax,
-        aten._softmax.default: _rule_softmax,
-        aten.log_softmax.int: _rule_softmax,
-        aten.mean.dim: _rule_reduce,
-        aten.sum.dim_IntList: _rule_reduce,
-        aten.amax.default: _rule_reduce,
-        aten.var.correction: _rule_reduce,
-        aten.matmul.default: _rule_matmul,
-        aten.mm.default: _rule_matmul,
-        aten.bmm.default: _rule_matmul,
-        aten.view.default: _rule_reshape,
-        aten.reshape.default: _rule_reshape,
-        aten._unsafe_view.default: _rule_reshape,
-        aten.flatten.using_ints: _rule_reshape,
-        aten.unflatten.int: _rule_reshape,
-        aten.permute.default: _rule_permute,
-        aten.transpose.int: _rule_transpose,
-        aten.t.default: _rule_transpose,
-        aten.unsqueeze.default: _rule_unsqueeze,
-        aten.squeeze.default: _rule_squeeze,
-        aten.squeeze.dim: _rule_squeeze,
-        aten.squeeze.dims: _rule_squeeze,
-        aten.expand.default: _rule_expand,
-        aten.select.int: _rule_select,
-        aten.slice.Tensor: _rule_slice,
-        aten.split.Tensor: _rule_split,
-        aten.split_with_sizes.default: _rule_split,
-        aten.chunk.default: _rule_split,
-        aten.unbind.int: _rule_split,
-        aten.cat.default: _rule_cat,
-        aten.concat.default: _rule_cat,
-        aten.stack.default: _rule_cat,
-        aten.scaled_dot_product_attention.default: _rule_attention,
-        torch.ops.vdopt.attention.default: _rule_attention,
-        torch.ops.vdopt.stage_boundary.default: _rule_stage_boundary,
-        operator.getitem: _rule_getitem,
-        torch.ops._c10d_functional.all_to_all_single.default: _rule_collective,
-        torch.ops._c10d_functional.all_gather_into_tensor.default: _rule_collective,
-        torch.ops._c10d_functional.wait_tensor.default: _rule_collective,
-    }
-    return rules
+_RULES: dict[DimOp, Rule] = {
+    DimOp.IDENTITY: _rule_follow, DimOp.POINTWISE: _rule_pointwise, DimOp.RESHAPE: _rule_reshape,
+    DimOp.PERMUTE: _rule_follow, DimOp.EXPAND: _rule_follow, DimOp.SLICE: _rule_slice, DimOp.SELECT: _rule_follow,
+    DimOp.SPLIT: _rule_split, DimOp.CAT: _rule_cat, DimOp.STACK: _rule_cat, DimOp.REDUCE: _rule_follow,
+    DimOp.NORMALIZE: _rule_follow, DimOp.ALONG: _rule_follow, DimOp.LINEAR: _rule_follow, DimOp.MATMUL: _rule_follow,
+    DimOp.ATTENTION: _rule_attention, DimOp.COLLECTIVE: _rule_collective, DimOp.CARRY: _rule_stage_boundary,
+    DimOp.GETITEM: _rule_getitem,
+}
+"""What a patch does per kind of op; kinds missing here (convolutions, einsum, padding) mix the
+tokens in ways a patch cannot follow."""
 
 
-_IGNORED = {aten._assert_tensor_metadata.default}
+def _kind(node: torch.fx.Node) -> DimOp | None:
+    rule = op_rule(node.target) if node.op == "call_function" else None
+    return rule.kind if rule is not None else None
 
 
 def infer_patch_dims(
@@ -573,7 +395,6 @@ def infer_patch_dims(
     inference is lenient (an unknown op just yields None): it only has to locate the axis in
     the values the body reads.
     """
-    rules = _rules()
     dims: dict[str, Dims] = dict(sources)
     required: dict[str, PatchDim] = {}
     stale: dict[str, tuple[PatchDim, PatchDim]] = {}
@@ -594,22 +415,21 @@ def infer_patch_dims(
     for n in graph.nodes:
         if n.name in dims:
             continue
-        if n.op == "call_function" and n.target is torch.ops.vdopt.stage_boundary.default:
+        kind = _kind(n)
+        if kind is DimOp.CARRY:
             variant[n.name] = tuple(is_variant(v) for v in n.args[0])
-        elif n.op == "call_function" and n.target is operator.getitem and isinstance(variant.get(n.args[0].name), tuple):
+        elif kind is DimOp.GETITEM and isinstance(variant.get(n.args[0].name), tuple):
             variant[n.name] = variant[n.args[0].name][n.args[1]]
         else:
             variant[n.name] = any(is_variant(a) for a in n.all_input_nodes)
-        if n.op != "call_function" or n.target in _IGNORED:
+        if n.op != "call_function" or kind is DimOp.METADATA:
             dims[n.name] = None
             continue
         strict = n.name in body
         if all(dims_of(a) is None for a in n.all_input_nodes):
             dims[n.name] = None
             continue
-        rule = rules.get(n.target)
-        if rule is None and _is_pointwise(n.target):
-            rule = _rule_pointwise
+        rule = _RULES.get(kind)
         try:
             if rule is None:
                 raise PatchError(f"{n.name}: no patch rule for {n.target}")
@@ -631,10 +451,10 @@ def infer_patch_dims(
                 if prev is not None and prev != pd:
                     raise PatchError(f"{x.name} is read patch-wise in two layouts ({prev}, {pd})")
                 required[x.name] = pd
-            if n.target in (aten.scaled_dot_product_attention.default, torch.ops.vdopt.attention.default):
+            if kind is DimOp.ATTENTION:
                 _, k, v = _attention_qkv(n)
                 kd, vd = dims_of(k), dims_of(v)
-                if kd is not None and kd.dim == len(_shape(k)) - 2:
+                if kd is not None and kd.dim == len(shape_of(k)) - 2:
                     stale[n.name] = (kd, vd)
         dims[n.name] = out
     return PatchDims(extent=extent, dims=dims, required=required, stale=stale, lost=lost)
@@ -643,39 +463,14 @@ def infer_patch_dims(
 # -- the rewrite ---------------------------------------------------------------------------------
 
 
-def _new_fake(like: torch.Tensor, shape: Sequence[int], fake_mode) -> torch.Tensor:
-    with fake_mode:
-        return torch.empty(tuple(shape), dtype=like.dtype, device=like.device)
-
-
-def _call(graph: torch.fx.Graph, target, args, kwargs=None, *, fake_mode) -> torch.fx.Node:
-    kwargs = kwargs or {}
-    node = graph.call_function(target, tuple(args), kwargs)
-    fargs, fkwargs = pytree.tree_map_only(torch.fx.Node, fake_value, (tuple(args), kwargs))
-    with fake_mode:
-        node.meta["val"] = target(*fargs, **fkwargs)
-    node.meta[meta.CREATED_BY] = CREATED_BY
-    return node
-
-
-def slice_patch_nodes(graph, x: torch.fx.Node, pd: PatchDim, extent: int, start: int, length: int, *, fake_mode) -> torch.fx.Node:
+def slice_patch_nodes(em: Emitter, x: torch.fx.Node, pd: PatchDim, extent: int, start: int, length: int) -> torch.fx.Node:
     """Nodes computing the patch ``start:start+length`` of ``x`` (whole latent) along ``pd``."""
-    d, seg = pd.dim, pd.segment(extent)
-    segment = _call(graph, aten.slice.Tensor, (x, d, pd.offset, pd.offset + seg), fake_mode=fake_mode)
-    grid = _call(graph, aten.unflatten.int, (segment, d, [pd.outer, extent, pd.inner]), fake_mode=fake_mode)
-    part = _call(graph, aten.slice.Tensor, (grid, d + 1, start, start + length), fake_mode=fake_mode)
-    flat = _call(graph, aten.flatten.using_ints, (part, d, d + 2), fake_mode=fake_mode)
-    if not (pd.offset or pd.tail):
-        # contiguous, so later views of the patch behave as on the whole latent
-        return _call(graph, aten.clone.default, (flat,), {"memory_format": torch.contiguous_format}, fake_mode=fake_mode)
-    pieces = []
-    if pd.offset:
-        pieces.append(_call(graph, aten.slice.Tensor, (x, d, 0, pd.offset), fake_mode=fake_mode))
-    pieces.append(flat)
-    if pd.tail:
-        size = pd.size(extent)
-        pieces.append(_call(graph, aten.slice.Tensor, (x, d, size - pd.tail, size), fake_mode=fake_mode))
-    return _call(graph, aten.cat.default, (pieces, d), fake_mode=fake_mode)
+    part = em.take(x, pd.dim, pre=pd.offset, factors=[pd.outer, extent, pd.inner], chunks={1: (start, length)},
+                   post=pd.tail)
+    if pd.offset or pd.tail:
+        return part
+    # contiguous, so later views of the patch behave as on the whole latent
+    return em.contiguous(part)
 
 
 def slice_patch(x: torch.Tensor, pd: PatchDim | None, extent: int, start: int, length: int) -> torch.Tensor:
@@ -721,26 +516,16 @@ def _new_args(old: torch.fx.Node, args: list, kwargs: dict, pdims: PatchDims, le
     out = pdims.dims.get(old.name)
     x = old.args[0] if old.args else None
     in_pd = pdims.of(x.name) if isinstance(x, torch.fx.Node) else None
-    if target in (aten.view.default, aten.reshape.default, aten._unsafe_view.default) and out is not None:
-        args[1] = list(resized(_shape(old), out, extent, length))
-    elif target is aten.unflatten.int and out is not None:
-        dim = _norm_dim(old.args[1], len(_shape(x)))
-        args[2] = list(resized(_shape(old), out, extent, length)[dim : dim + len(old.args[2])])
-    elif target is aten.expand.default and out is not None:
-        sizes = list(old.args[1])
-        if sizes[out.dim] != -1:
-            sizes[out.dim] = out.size(length)
-        args[1] = sizes
-    elif target is aten.squeeze.default and in_pd is not None:
-        target = aten.squeeze.dims
-        args = [args[0], [i for i, s in enumerate(_shape(x)) if s == 1]]
-    elif target is aten.slice.Tensor and in_pd is not None:
+    kind = _kind(old)
+    if kind in (DimOp.RESHAPE, DimOp.EXPAND) and isinstance(out, PatchDim):
+        return resized(target, args, kwargs, patch_shape(shape_of(old), out, extent, length))
+    if kind is DimOp.SLICE and in_pd is not None:
         dim, start, end, step = _slice_args(old)
         if dim == in_pd.dim:
             args = [args[0], dim, _position(start, in_pd, extent, length), _position(end, in_pd, extent, length), step]
             kwargs = {}
     elif target is aten.split_with_sizes.default and in_pd is not None:
-        dim = _norm_dim(old.args[2] if len(old.args) > 2 else old.kwargs.get("dim", 0), len(_shape(x)))
+        (dim,) = dim_args(old)
         if dim == in_pd.dim:
             sizes = list(old.args[1])
             for i, pd in enumerate(out):
@@ -757,7 +542,7 @@ def _new_args(old: torch.fx.Node, args: list, kwargs: dict, pdims: PatchDims, le
 def _expected(val: Any, pd: Dims, extent: int, length: int) -> Any:
     if isinstance(val, torch.Tensor):
         assert pd is None or isinstance(pd, PatchDim)
-        return resized(val.shape, pd, extent, length)
+        return patch_shape(val.shape, pd, extent, length)
     if isinstance(val, (list, tuple)):
         pds = pd if isinstance(pd, tuple) else (None,) * len(val)
         return [_expected(v, p, extent, length) for v, p in zip(val, pds)]
@@ -812,12 +597,10 @@ def rewrite_for_patch(
     import vdopt.ops  # noqa: F401
 
     extent = pdims.extent
-    vals = [n.meta.get("val") for n in gm.graph.nodes]
-    fake_mode = detect_fake_mode(tuple(v for v in vals if isinstance(v, torch.Tensor)))
-    assert fake_mode is not None
     graph = torch.fx.Graph()
+    em = Emitter(graph, CREATED_BY, fake_mode=fake_mode_of(gm.graph))
     env: dict[torch.fx.Node, torch.fx.Node] = {}
-    old_nodes = [n for n in gm.graph.nodes if not (n.op == "call_function" and n.target in _IGNORED)]
+    old_nodes = [n for n in gm.graph.nodes if _kind(n) is not DimOp.METADATA]
     stale_nodes = [n for n in old_nodes if n.name in pdims.stale]
     input_shapes = []
     # placeholders first: inputs, then one K and one V cache per stale site
@@ -828,7 +611,7 @@ def rewrite_for_patch(
         p.meta = {k: v for k, v in n.meta.items() if k != "val"}
         val = n.meta.get("val")
         if isinstance(val, torch.Tensor) and _arrives_patched(n.name, pdims, patched_inputs):
-            p.meta["val"] = _new_fake(val, resized(val.shape, pdims.dims[n.name], extent, length), fake_mode)
+            p.meta["val"] = em.placeholder_value(val, patch_shape(val.shape, pdims.dims[n.name], extent, length))
         else:
             p.meta["val"] = val
         input_shapes.append(tuple(p.meta["val"].shape) if isinstance(p.meta["val"], torch.Tensor) else None)
@@ -839,14 +622,14 @@ def rewrite_for_patch(
             _, k, v = _attention_qkv(s)
             for tag, x in (("k", k), ("v", v)):
                 c = graph.placeholder(f"kv_cache_{s.name}_{tag}")
-                c.meta["val"] = _new_fake(x.meta["val"], x.meta["val"].shape, fake_mode)
+                c.meta["val"] = em.placeholder_value(x.meta["val"], x.meta["val"].shape)
                 caches[(s.name, tag)] = c
     # whole-latent inputs read patch-wise are sliced once, right after the placeholders
     for n in old_nodes:
         if n.op == "placeholder" and not _arrives_patched(n.name, pdims, patched_inputs):
             pd = pdims.of(n.name)
             if isinstance(pd, PatchDim):
-                env[n] = slice_patch_nodes(graph, env[n], pd, extent, start, length, fake_mode=fake_mode)
+                env[n] = slice_patch_nodes(em, env[n], pd, extent, start, length)
     merged_outputs = []
     for n in old_nodes:
         if n.op == "placeholder":
@@ -854,7 +637,7 @@ def rewrite_for_patch(
         if n.op == "get_attr":
             new = graph.node_copy(n)
             pd = pdims.of(n.name)
-            env[n] = slice_patch_nodes(graph, new, pd, extent, start, length, fake_mode=fake_mode) if isinstance(pd, PatchDim) else new
+            env[n] = slice_patch_nodes(em, new, pd, extent, start, length) if isinstance(pd, PatchDim) else new
             continue
         if n.op == "output":
             outs = pytree.tree_map_only(torch.fx.Node, lambda a: env[a], n.args[0])
@@ -870,10 +653,9 @@ def rewrite_for_patch(
             for i, (tag, pd) in enumerate((("k", kd), ("v", vd)), start=1):
                 fresh = args[i] if len(args) > i else kwargs[names[i - 1]]
                 if merge_kv:
-                    merged = _call(
-                        graph, torch.ops.vdopt.merge_patch_kv.default,
+                    merged = em.call(
+                        torch.ops.vdopt.merge_patch_kv.default,
                         (fresh, caches[(n.name, tag)], pd.dim, pd.offset, pd.tail, pd.outer, pd.inner, start),
-                        fake_mode=fake_mode,
                     )
                 else:
                     merged = fresh
@@ -882,18 +664,14 @@ def rewrite_for_patch(
                 else:
                     kwargs[names[i - 1]] = merged
                 merged_outputs.append(merged)
-        new = graph.call_function(target, tuple(args), kwargs)
-        new.meta = {k: v for k, v in n.meta.items() if k != "val"}
-        fargs, fkwargs = pytree.tree_map_only(torch.fx.Node, fake_value, (tuple(args), kwargs))
-        with fake_mode:
-            new.meta["val"] = target(*fargs, **fkwargs)
+        new = em.copy(n, target, args, kwargs)
         expected = _expected(n.meta.get("val"), pdims.dims.get(n.name), extent, length)
         if _actual(new.meta["val"]) != expected:
             raise PatchError(
                 f"{n.name} ({n.target}) has shape {_actual(new.meta['val'])} for the patch, expected {expected}"
             )
         if n.name in pdims.required:  # a whole-latent value computed here, read patch-wise
-            new = slice_patch_nodes(graph, new, pdims.required[n.name], extent, start, length, fake_mode=fake_mode)
+            new = slice_patch_nodes(em, new, pdims.required[n.name], extent, start, length)
         env[n] = new
     graph.eliminate_dead_code()
     out_node = next(iter(reversed(gm.graph.nodes)))

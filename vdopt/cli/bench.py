@@ -1,9 +1,11 @@
 """``vdopt bench``: the end-to-end benchmark (``benchmarks/e2e.py`` of the source checkout).
 
-By default a few minutes on the CPU at a mid-size Wan configuration; ``--full`` runs the
-ANCHORS.md configuration (Wan2.1-1.3B, 81x480x832, bf16) on a GPU. Every option of
-``benchmarks/e2e.py`` is accepted; ``vdopt bench --help`` lists them. The harness module
-imports torch only when it runs, so registering the command stays cheap.
+By default a few minutes on the CPU at a mid-size Wan configuration; ``--quick`` is a smoke
+run of under a minute; ``--full`` runs Wan2.1-T2V-1.3B at 81x480x832 in bfloat16 on a GPU.
+Results go to ``--out`` (default ``./vdopt-results`` in the current directory), never to the
+committed ``benchmarks/results/`` unless named. Every option of ``benchmarks/e2e.py`` is
+accepted; ``vdopt bench --help`` lists them. The benchmark modules import torch only when
+they run, so registering the command stays cheap.
 """
 
 from __future__ import annotations
@@ -30,12 +32,20 @@ def harness() -> ModuleType:
     if module is None:
         module = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-        spec.loader.exec_module(module)
+        saved_path = list(sys.path)
+        try:
+            spec.loader.exec_module(module)
+        finally:
+            # e2e.py puts benchmarks/ first on sys.path to import its siblings; they are
+            # loaded now, so the folder's generic module names stop shadowing anything else.
+            sys.path[:] = saved_path
     return module
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="end-to-end denoising benchmark: diffusers vs vdopt side by side")
+    p = sub.add_parser("bench", help="end-to-end denoising benchmark: diffusers and vdopt side by side (--quick: under a minute)",
+                       description="End-to-end denoising benchmark: diffusers and vdopt methods side by side, each in "
+                                   "its own process; writes JSON, a Markdown table and a plot to --out.")
     try:
         module = harness()
     except ValueError as e:
@@ -46,7 +56,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(module: ModuleType, args: argparse.Namespace) -> int:
-    module.run(args)
+    report = module.run(args)
+    if report.get("written_to"):
+        print(f"wrote {report['written_to']}.json (and .md, .png)")
     return 0
 
 

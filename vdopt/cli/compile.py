@@ -24,29 +24,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compile", help="compile a model to AOTInductor artifacts (one per rank) and a manifest")
     p.add_argument("model", help="zoo model name (vdopt.models.list_models()) or module:factory returning (model, args, kwargs)")
     p.add_argument("--out", required=True, help="artifact directory to write (replaced if it holds an artifact)")
-    p.add_argument("--mesh", default="", help="parallel degrees, e.g. ulysses=2,cfg=2 (default: one device)")
-    p.add_argument("--pab", action="store_true", help="with Pyramid Attention Broadcast (a zoo model's paper settings, else PABConfig())")
-    p.add_argument("--kernels", default="auto", choices=("auto", "triton", "sdpa"), help="attention kernels (default auto)")
-    p.add_argument("--size", default="tiny", help="zoo configuration, tiny or full (default tiny)")
-    for dim in ("batch", "frames", "height", "width", "text-len"):
-        p.add_argument(f"--{dim}", type=int, help=f"zoo input {dim.replace('-', ' ')} (pixel space for frames/height/width)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="weights and inputs")
+    p.add_argument("--mesh", default=None,
+                   help="parallel degrees as axis=degree pairs, e.g. ulysses=2,cfg=2 (axes: cfg, pipefusion, "
+                        "ring, ulysses, dsp; their product is the number of ranks); default: one device")
+    p.add_argument("--pab", action="store_true",
+                   help="add Pyramid Attention Broadcast: a zoo model gets its paper's settings, any other model PABConfig()")
+    p.add_argument("--kernels", default="auto", choices=("auto", "triton", "sdpa"),
+                   help="attention kernels: auto uses vdopt's Triton kernels on CUDA where they are faster, "
+                        "triton everywhere possible, sdpa never (default auto)")
+    p.add_argument("--size", default="tiny", choices=("tiny", "full"),
+                   help="zoo configuration: tiny (for tests) or full (the published model) (default tiny)")
+    shape_help = {
+        "batch": "zoo input batch size (2 for a batched cond/uncond pair)",
+        "frames": "zoo input video frames, in pixel space",
+        "height": "zoo input video height in pixels",
+        "width": "zoo input video width in pixels",
+        "text-len": "zoo input prompt length in text tokens",
+    }
+    for flag, text in shape_help.items():
+        p.add_argument(f"--{flag}", type=int, help=text + " (default: the configuration's)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="dtype of the weights and inputs (default float32)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.set_defaults(func=run)
-
-
-def parse_mesh(text: str):
-    """``"ulysses=2,cfg=2"`` -> ``vdopt.Mesh(ulysses=2, cfg=2)``."""
-    import vdopt
-    from vdopt.mesh import AXES
-
-    degrees: dict[str, int] = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        axis, sep, value = part.partition("=")
-        if not sep or axis not in AXES or not value.isdigit():
-            raise ValueError(f"--mesh {text!r}: write axis=degree pairs separated by commas, axes {', '.join(AXES)}")
-        degrees[axis] = int(value)
-    return vdopt.Mesh(**degrees)
 
 
 def load_model(spec: str, args: argparse.Namespace) -> tuple[Any, tuple, dict]:
@@ -75,8 +75,9 @@ def load_model(spec: str, args: argparse.Namespace) -> tuple[Any, tuple, dict]:
 
 def run(args: argparse.Namespace) -> int:
     import vdopt
+    from vdopt.mesh import as_mesh
 
-    mesh = parse_mesh(args.mesh)
+    mesh = as_mesh(args.mesh)
     model, margs, mkwargs = load_model(args.model, args)
     pab = None
     if args.pab:

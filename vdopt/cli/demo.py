@@ -9,24 +9,38 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import sys
 import time
+import traceback
 
 import torch
 
+from vdopt.cli import CommandError, error_line
+
 MESH_AXES = ("cfg", "pipefusion", "ulysses", "ring", "dsp")
+
+AXIS_HELP = {
+    "cfg": "ranks the cond/uncond pair of classifier-free guidance is split over (1 or 2)",
+    "pipefusion": "PipeFusion pipeline stages",
+    "ulysses": "Ulysses sequence-parallel degree (all-to-all between heads and tokens)",
+    "ring": "ring-attention degree (keys and values passed around a ring of ranks)",
+    "dsp": "dynamic sequence-parallel degree (spatial-temporal models)",
+}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="optimize a small model on the CPU and check it against eager")
-    p.add_argument("--model", default="latte", help="zoo model (default latte)")
-    p.add_argument("--steps", type=int, default=8, help="denoising steps (default 8)")
-    p.add_argument("--nproc", type=int, default=None, help="local gloo ranks (default: product of the degrees)")
+    p.add_argument("--model", default="latte",
+                   help="zoo model, tiny configuration, random weights: latte, wan, cogvideox, opensora or opensora_plan (default latte)")
+    p.add_argument("--steps", type=int, default=8, help="DDIM denoising steps (default 8)")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="local processes (gloo ranks) to run; must equal the product of the degrees (default: that product)")
     # The default mesh shows both kinds of split: cond/uncond over 2 ranks, tokens over 2.
     defaults = {"cfg": 2, "ulysses": 2}
     for axis in MESH_AXES:
         default = defaults.get(axis, 1)
-        p.add_argument(f"--{axis}", type=int, default=default, help=f"{axis} degree (default {default})")
-    p.add_argument("--pab", action="store_true", help="also run with Pyramid Attention Broadcast")
+        p.add_argument(f"--{axis}", type=int, default=default, help=f"{AXIS_HELP[axis]} (default {default})")
+    p.add_argument("--pab", action="store_true", help="also run with Pyramid Attention Broadcast (approximate by design: reports its deviation from eager)")
     p.set_defaults(func=run)
 
 
@@ -81,15 +95,24 @@ def _spawned(rank: int, world: int, port: int, args: argparse.Namespace, queue) 
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
     try:
-        summary = demo_rank(args)
-        queue.put((rank, summary))
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+        queue.put((rank, "ok", demo_rank(args)))
+    except BaseException as error:  # noqa: BLE001  the parent reports it, once for all ranks
+        queue.put((rank, "error", (error_line(error, verbose=True), traceback.format_exc())))
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+RANK_GRACE_S = 15.0
+"""After one rank fails, how long the others get to report before they are stopped (a rank
+waiting in a collective for the failed one would otherwise sit out the group's timeout)."""
 
 
 def run_ranks(args: argparse.Namespace, world: int) -> list[dict]:
+    """``demo_rank`` on ``world`` local gloo ranks; a failure is one ``CommandError`` for all."""
+    import queue as queue_module
     import socket
 
     import torch.multiprocessing as mp
@@ -99,16 +122,53 @@ def run_ranks(args: argparse.Namespace, world: int) -> list[dict]:
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_spawned, args=(r, world, port, args, queue)) for r in range(world)]
+    procs = [ctx.Process(target=_spawned, args=(r, world, port, args, queue), daemon=True) for r in range(world)]
     for p in procs:
         p.start()
-    for p in procs:
-        p.join()
-    failed = [r for r, p in enumerate(procs) if p.exitcode != 0]
-    if failed:
-        raise SystemExit(f"vdopt demo: ranks {failed} failed (see their tracebacks above)")
-    results = dict(queue.get() for _ in range(world))
+    results: dict[int, dict] = {}
+    failures: dict[int, tuple[str, str]] = {}
+    stop_at: float | None = None
+    try:
+        while len(results) + len(failures) < world:
+            if stop_at is not None and time.monotonic() > stop_at:
+                break
+            try:
+                rank, status, payload = queue.get(timeout=0.5)
+            except queue_module.Empty:
+                silent = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in results and r not in failures]
+                for r in silent:  # a crash in native code reports nothing
+                    failures[r] = (f"exited with code {procs[r].exitcode} without reporting", "")
+                if failures and stop_at is None:
+                    stop_at = time.monotonic() + RANK_GRACE_S
+                continue
+            if status == "ok":
+                results[rank] = payload
+            else:
+                failures[rank] = payload
+                stop_at = stop_at or time.monotonic() + RANK_GRACE_S
+    finally:
+        for p in procs:
+            p.join(timeout=5 if not failures else 1)
+            if p.is_alive():
+                p.kill()
+    if failures:
+        raise CommandError(_describe_failures(failures, world, args.verbose))
     return [results[r] for r in range(world)]
+
+
+def _describe_failures(failures: dict[int, tuple[str, str]], world: int, verbose: bool) -> str:
+    """One line per distinct failure, naming its ranks (ranks that fail alike fail once)."""
+    by_message: dict[str, list[int]] = {}
+    for rank in sorted(failures):
+        line, tb = failures[rank]
+        if verbose and tb and line not in by_message:
+            print(f"traceback of rank {rank}:\n{tb}", file=sys.stderr)
+        by_message.setdefault(line, []).append(rank)
+    parts = []
+    for line, ranks in by_message.items():
+        who = "every rank" if len(ranks) == world else ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(map(str, ranks))
+        parts.append(f"{who}: {line}")
+    return "; ".join(parts)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -118,7 +178,8 @@ def run(args: argparse.Namespace) -> int:
         world *= d
     nproc = args.nproc or world
     if nproc != world:
-        raise SystemExit(f"vdopt demo: --nproc {nproc} but the mesh degrees {degrees} need {world} ranks")
+        raise ValueError(f"--nproc {nproc} but the mesh degrees {degrees} need {world} ranks (their product): "
+                         f"drop --nproc or change the degrees")
     summaries = run_ranks(args, world) if world > 1 else [demo_rank(args)]
     first = summaries[0]
     print(first["report"])

@@ -8,11 +8,13 @@ from collections import Counter
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("inspect", help="list the attention sites of a zoo model and their kinds")
-    p.add_argument("model", help="zoo model name (see `vdopt.models.list_models()`)")
-    p.add_argument("--size", default="tiny", choices=("tiny", "full"), help="configuration (default tiny)")
-    p.add_argument("--frames", type=int, help="video frames (pixel space)")
-    p.add_argument("--height", type=int, help="video height in pixels")
-    p.add_argument("--width", type=int, help="video width in pixels")
+    p.add_argument("model", help="zoo model name: latte, wan, cogvideox, opensora or opensora_plan")
+    p.add_argument("--size", default="tiny", choices=("tiny", "full"),
+                   help="zoo configuration: tiny (for tests) or full (the published model; analysed on the "
+                        "meta device, so it needs no memory) (default tiny)")
+    p.add_argument("--frames", type=int, help="video frames, in pixel space (default: the configuration's)")
+    p.add_argument("--height", type=int, help="video height in pixels (default: the configuration's)")
+    p.add_argument("--width", type=int, help="video width in pixels (default: the configuration's)")
     p.set_defaults(func=run)
 
 

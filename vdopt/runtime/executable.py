@@ -2,53 +2,55 @@
 
 One ``Plan`` exists per input signature (shapes, dtypes and non-tensor arguments). A plan
 holds the rewritten graph(s) inside a ``Program``; a program runs one call and keeps step
-state (PAB caches, pipeline buffers) until ``reset()``.
+state (PAB caches, pipeline buffers) until ``reset()``. Every graph of a plan is made by
+passes through the runner (``build_program``); programs only run them. A collective that
+fails during a call is re-raised as ``CollectiveError`` naming the call, the program's step
+and the mesh group it waited on.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
-import os
 import time
-from collections.abc import Iterable
-from pathlib import Path
-from typing import Any, Protocol
+from collections.abc import Callable, Collection, Iterable, Sequence
+from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch.utils import _pytree as pytree
 
 from vdopt.capture import bind_call, capture
-from vdopt.compile import compile_graph, compile_summary
+from vdopt.compile import compile_graph, compile_summary, original_graph
+from vdopt.config import PipeFusionConfig
 from vdopt.mesh import Mesh
 from vdopt.passes.analysis.attention import analyze
-from vdopt.passes.analysis.sites import AttentionSite, VideoLayout
 from vdopt.passes.base import PassContext
-from vdopt.passes.order import PipelineOptions, build_pipeline
+from vdopt.passes.order import PipelineOptions, build_pipeline, check_disabled
+from vdopt.passes.pab.specialize import PABSpecialize
+from vdopt.passes.pab.variants import specialize_graphs
+from vdopt.passes.pipefusion.stage_cut import StageCut
+from vdopt.passes.pipefusion.stage_graphs import build_stage_graphs, specialize_stage_graphs
+from vdopt.passes.pipefusion.stage_split import StageSplit
 from vdopt.passes.runner import PassRecord, run_passes
+from vdopt.progress import progress
+from vdopt.report import render_report
+from vdopt.runtime.failures import Step, collective_error, graph_step, is_collective_failure
+from vdopt.runtime.pab import MAIN_GRAPH, PABProgram
+from vdopt.runtime.pipefusion import PipeFusionProgram, StagePeers
+from vdopt.runtime.plan import Plan, Program
 
 log = logging.getLogger(__name__)
-
-
-class Program(Protocol):
-    """Runs one call of a captured signature; holds step state across calls."""
-
-    def __call__(self, inputs: dict[str, Any]) -> Any: ...
-
-    def reset(self) -> None: ...
-
-    def summary(self) -> dict[str, Any]:
-        """Figures for the report (e.g. PAB compute/reuse counts)."""
-        ...
 
 
 class GraphProgram:
     """The plain program: one rewritten graph run on every call."""
 
-    def __init__(self, gm: torch.fx.GraphModule) -> None:
+    def __init__(self, gm: Callable[..., Any]) -> None:
+        """``gm``: the graph, or a runner with its call convention (compiled, or loaded)."""
         self.gm = gm
+        graph = original_graph(gm)
+        self.step = graph_step("graph main", graph) if isinstance(graph, torch.fx.GraphModule) else Step(what="graph main")
+        """What the program runs (for errors raised during a call)."""
 
     def __call__(self, inputs: dict[str, Any]) -> Any:
         return self.gm(**inputs)
@@ -60,40 +62,52 @@ class GraphProgram:
         return compile_summary([self.gm])
 
 
-def build_program(gm: torch.fx.GraphModule, ctx: PassContext, options: PipelineOptions) -> Program:
-    """The program that runs a rewritten graph: plain, or with step state (PAB, PipeFusion)."""
+def _pipefusion_program(
+    gm: torch.fx.GraphModule, ctx: PassContext, options: PipelineOptions, disabled: Collection[str], after: list[str]
+) -> tuple[Program, list[PassRecord]]:
+    """This rank's stage of the marked graph, its patch graphs and (with PAB) their variants."""
+    config = options.pipefusion or PipeFusionConfig()
+    peers = StagePeers.of(ctx.mesh, ctx.device)
+    graphs, records = build_stage_graphs(gm, ctx, config, peers.stage, disabled=disabled, after=after)
+    pab = None
+    if options.pab is not None and PABSpecialize.name not in disabled:
+        ran = list(dict.fromkeys(after + [r.name for r in records]))
+        pab = specialize_stage_graphs(graphs, ctx, options.pab, after=ran)
+        records += pab.records
+    program = PipeFusionProgram.build(
+        gm, graphs, peers=peers, device=ctx.device, config=config, compile=options.compile, pab=pab
+    )
+    return program, records
+
+
+def build_program(
+    gm: torch.fx.GraphModule,
+    ctx: PassContext,
+    options: PipelineOptions,
+    *,
+    disabled: Collection[str] = (),
+    after: Sequence[str] = (),
+) -> tuple[Program, list[PassRecord]]:
+    """The program that runs a rewritten graph: plain, or with step state (PAB, PipeFusion).
+
+    The graphs a feature derives from ``gm`` (PipeFusion's stage and patch graphs, PAB's
+    variants) are made here by their passes, through the runner; their records are returned.
+    A feature whose pass is disabled by name is off (with a warning).
+    """
+    after = list(after)
+    if options.pab is not None and PABSpecialize.name in disabled:
+        log.warning("PAB is off: its pass %s is disabled", PABSpecialize.name)
     if ctx.mesh.pipefusion > 1:
-        # Cuts the marked graph into this rank's stage; PAB, if set, specializes the stage graphs.
-        from vdopt.config import PipeFusionConfig
-        from vdopt.runtime.pipefusion import PipeFusionProgram
-
-        return PipeFusionProgram.from_graph(gm, ctx, options.pipefusion or PipeFusionConfig(), pab=options.pab)
-    if options.pab is not None:
-        # Specializes the final per-rank graph, after every pass.
-        from vdopt.runtime.pab import PABProgram
-
-        return PABProgram.from_graph(gm, ctx, options.pab, compile=options.compile)
-    return GraphProgram(compile_graph(gm, ctx.device, enabled=options.compile, name="main"))
-
-
-@dataclasses.dataclass(kw_only=True)
-class Plan:
-    """Everything built for one input signature."""
-
-    signature: str
-    """Human-readable input signature."""
-    layout: VideoLayout | None
-    """Token grid found by analysis."""
-    sites: tuple[AttentionSite, ...]
-    """Attention sites found by analysis."""
-    passes: list[PassRecord]
-    """What each pass did."""
-    capture_s: float
-    """Seconds spent in torch.export."""
-    passes_s: float
-    """Seconds spent in analysis and passes."""
-    program: Program
-    """Runs the calls."""
+        if StageSplit.name in disabled or StageCut.name in disabled:
+            # the markers (if any) copy: the whole graph runs on every rank, exactly
+            log.warning("PipeFusion is off (pass %s or %s disabled): every rank runs every stage",
+                        StageSplit.name, StageCut.name)
+        else:
+            return _pipefusion_program(gm, ctx, options, disabled, after)
+    if options.pab is not None and PABSpecialize.name not in disabled:
+        graphs = specialize_graphs({MAIN_GRAPH: gm}, ctx, options.pab, after=after)
+        return PABProgram.build(gm, graphs, ctx.device, compile=options.compile), graphs.records
+    return GraphProgram(compile_graph(gm, ctx.device, enabled=options.compile, name="main")), []
 
 
 def _leaf_key(leaf: Any) -> Any:
@@ -129,16 +143,12 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
-def _progress(total: int, desc: str):
-    from tqdm.auto import tqdm
+class Executable(torch.nn.Module):
+    """Drop-in replacement for the model: same call signature, same output structure.
 
-    quiet = dist.is_initialized() and dist.get_rank() != 0
-    # disable=None: bars on a terminal, silent in logs and CI
-    return tqdm(total=total, desc=desc, leave=False, disable=True if quiet else None)
-
-
-class OptimizedModel(torch.nn.Module):
-    """Drop-in replacement for the model: same call signature, same output structure."""
+    ``vdopt.optimize`` returns it with ``save`` added (``vdopt.api.OptimizedModel``): writing
+    artifacts sits above the runtime.
+    """
 
     def __init__(
         self,
@@ -156,15 +166,26 @@ class OptimizedModel(torch.nn.Module):
         self.disable_passes = tuple(disable_passes)
         self._plans: dict[tuple, Plan] = {}
         self._model_name = type(model).__name__
+        self._calls = 0
         # Fail on bad options now rather than at the first call.
         build_pipeline(options)
+        check_disabled(options, self.disable_passes)
 
     # -- the call ------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         inputs = bind_call(self._model, args, kwargs)
         plan = self._plan_for(inputs)
+        self._calls += 1
         with torch.no_grad():
-            return plan.program(inputs)
+            try:
+                return plan.program(inputs)
+            except Exception as e:
+                if self.mesh.size == 1 or not is_collective_failure(e):
+                    raise
+                number = list(self._plans.values()).index(plan) + 1
+                call = f"call {self._calls} of {self._model_name} (input signature {number}: {plan.signature})"
+                device = model_device(self._model)
+                raise collective_error(e, mesh=self.mesh, device=device, call=call, step=plan.program.step) from e
 
     def _plan_for(self, inputs: dict[str, Any]) -> Plan:
         key = input_key(inputs)
@@ -179,7 +200,7 @@ class OptimizedModel(torch.nn.Module):
     def _build(self, inputs: dict[str, Any]) -> Plan:
         device = model_device(self._model)
         passes = build_pipeline(self.options)
-        with _progress(total=2 + len(passes), desc=f"vdopt {self._model_name}") as bar:
+        with progress(3 + len(passes), f"vdopt {self._model_name}") as bar:
             bar.set_postfix_str("capture")
             start = time.perf_counter()
             gm = capture(self._model, inputs)
@@ -192,14 +213,19 @@ class OptimizedModel(torch.nn.Module):
                 mesh=self.mesh, device=device, sites=sites, layout=layout, kernels=self.options.kernels
             )
             gm, records = run_passes(gm, ctx, passes, disabled=self.disable_passes, progress=bar)
+            bar.set_postfix_str("program")
+            program, program_records = build_program(
+                gm, ctx, self.options, disabled=self.disable_passes, after=[r.name for r in records]
+            )
+            bar.update(1)
         return Plan(
             signature=describe_inputs(inputs),
             layout=layout,
             sites=sites,
-            passes=records,
+            passes=records + program_records,
             capture_s=capture_s,
             passes_s=time.perf_counter() - start - capture_s,
-            program=build_program(gm, ctx, self.options),
+            program=program,
         )
 
     # -- step state ----------------------------------------------------------------------
@@ -224,19 +250,7 @@ class OptimizedModel(torch.nn.Module):
         return list(self._plans.values())
 
     def report(self) -> str:
-        from vdopt.report import render_report
-
         return render_report(self._model_name, self.mesh, self.plans)
-
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write AOTInductor artifacts (a package per rank and variant, and ``manifest.json``).
-
-        Call it on every rank, after at least one call (artifacts are compiled for the input
-        shapes seen). ``vdopt.load(path)`` runs them without the model's code.
-        """
-        from vdopt.artifacts import save
-
-        return save(self, path)
 
     def __getattr__(self, name: str) -> Any:
         # nn.Module resolves parameters/submodules first; anything else (config, dtype,

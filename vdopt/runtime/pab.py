@@ -1,9 +1,8 @@
-"""Pyramid Attention Broadcast at run time: the schedule, per-call state, variant choice.
+"""Pyramid Attention Broadcast at run time: per-call state, the reuse decision, the caches.
 
-The rule is diffusers' ``PyramidAttentionBroadcastHook``: on the i-th call since reset, with
-timestep t, a region of PAB kind k computes when ``i == 0``, or t is not strictly inside k's
-window, or ``i % range_k == 0``; otherwise it returns the output cached at its last
-computation. Decisions depend on (i, t) only, so every rank of a mesh takes the same one.
+The schedule (``vdopt.passes.pab.schedule``) says which PAB kinds reuse on the i-th call of
+a slot at timestep t. Decisions depend on (i, t) only, so every rank of a mesh takes the
+same one.
 
 State is kept per call *slot* within a step. A pipeline that calls the model twice per step
 (cond then uncond at the same timestep) gets two slots, each with its own call counter and
@@ -11,22 +10,18 @@ caches; diffusers' hook keys its state per module only and so mixes them. A call
 timestep equals the previous call's is the next slot of the same step; a lower timestep
 starts the next step at slot 0; a higher one starts a new generation (as ``reset()`` does).
 
-The graph is specialized once per pattern of reused kinds (``passes/pab_specialize.py``):
-a reused region is dead code in its variant, so its projections, norms and collectives are
-not executed. ``PABState`` takes the decision once per call and moves the caches in and out
-of the variants; ``PABProgram`` runs one graph per call with it, and PipeFusion
-(``vdopt/pipefusion.py``) runs its stage graphs with it (the whole latent, or one graph per
-patch, each with its own caches).
+Every variant graph is specialized when the plan is built (``vdopt.passes.pab.variants``,
+through the pass runner); here ``PABState`` takes the decision once per call and moves the
+caches in and out of the variants; ``PABProgram`` runs one graph per call with it, and
+PipeFusion (``vdopt.runtime.pipefusion``) runs its stage graphs with it (the whole latent,
+or one graph per patch, each with its own caches).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
-import math
-from collections.abc import Callable, Collection, Hashable, Iterable, Mapping, Sequence
-from types import MappingProxyType
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -35,17 +30,11 @@ import torch.fx._pytree as fx_pytree
 from torch.utils import _pytree as pytree
 
 from vdopt.compile import compile_graph, compile_summary
-from vdopt.config import PABConfig
-from vdopt.passes.analysis.sites import AttentionSite
-from vdopt.passes.base import PassContext
-from vdopt.passes.pab.specialize import (
-    PAB_KINDS,
-    PABRegion,
-    PABSpecialize,
-    find_pab_regions,
-    flat_copy,
-)
-from vdopt.passes.runner import PassRecord, run_passes
+from vdopt.passes.pab.regions import PAB_KINDS, PABRegion
+from vdopt.passes.pab.schedule import PABSchedule, variant_name
+from vdopt.passes.pab.variants import PABGraphs, VariantGraph
+from vdopt.passes.runner import PassRecord
+from vdopt.runtime.failures import Step, graph_step
 
 log = logging.getLogger(__name__)
 
@@ -54,87 +43,6 @@ TIMESTEP_ARG = "timestep"
 
 MAIN_GRAPH = "main"
 """Key of the one graph ``PABProgram`` runs (``PABState`` keys caches per graph)."""
-
-
-# -- the schedule ----------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class KindRule:
-    """When regions of one PAB kind compute."""
-
-    range: int
-    """Compute on every ``range``-th call of a slot (and reuse in between)."""
-    window: tuple[float, float]
-    """Reuse is allowed only for timesteps strictly inside this open interval."""
-
-    def computes(self, index: int, timestep: float) -> bool:
-        """Whether the ``index``-th call since reset (0-based) at ``timestep`` computes."""
-        low, high = self.window
-        return index == 0 or not (low < timestep < high) or index % self.range == 0
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class PABSchedule:
-    """The rule of every PAB kind that can reuse (range > 1); other kinds always compute."""
-
-    rules: Mapping[str, KindRule]
-    """PAB kind -> rule, for the kinds that may reuse."""
-
-    @classmethod
-    def from_config(cls, config: PABConfig) -> PABSchedule:
-        settings = {
-            "spatial": (config.spatial_range, config.spatial_window),
-            "temporal": (config.temporal_range, config.temporal_window),
-            "cross": (config.cross_range, config.cross_window),
-            "mlp": (config.mlp_range, config.mlp_window),
-        }
-        rules = {
-            kind: KindRule(range=r, window=(float(w[0]), float(w[1])))
-            for kind, (r, w) in settings.items()
-            if r is not None and r > 1  # range 1 computes every call: nothing to cache
-        }
-        return cls(rules=MappingProxyType(rules))
-
-    def only(self, kinds: Iterable[str]) -> PABSchedule:
-        """The schedule restricted to ``kinds`` (those the model has regions of)."""
-        kinds = set(kinds)
-        return PABSchedule(rules=MappingProxyType({k: r for k, r in self.rules.items() if k in kinds}))
-
-    def reused(self, index: int, timestep: float) -> frozenset[str]:
-        """PAB kinds that reuse their cache on the ``index``-th call of a slot at ``timestep``."""
-        return frozenset(k for k, rule in self.rules.items() if not rule.computes(index, timestep))
-
-    def patterns(self) -> list[frozenset[str]]:
-        """Every set of reused kinds some call can need, compute-everything first.
-
-        The decision depends on ``index % range`` (periodic with the ranges' lcm) and on which
-        windows hold t (constant between window ends), so trying those points is exhaustive.
-        """
-        ends = sorted({e for rule in self.rules.values() for e in rule.window})
-        probes = set(ends)
-        probes.update((a + b) / 2 for a, b in itertools.pairwise(ends))
-        if ends:
-            probes.update((ends[0] - 1, ends[-1] + 1))
-        period = math.lcm(*(rule.range for rule in self.rules.values())) if self.rules else 1
-        found = {frozenset()}
-        for t in probes:
-            for index in range(1, period + 1):
-                found.add(self.reused(index, t))
-        return sorted(found, key=lambda p: (len(p), [PAB_KINDS.index(k) for k in sorted(p, key=PAB_KINDS.index)]))
-
-    def as_dict(self) -> dict[str, Any]:
-        return {k: {"range": r.range, "window": list(r.window)} for k, r in self.rules.items()}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> PABSchedule:
-        rules = {k: KindRule(range=int(v["range"]), window=tuple(float(x) for x in v["window"])) for k, v in data.items()}
-        return cls(rules=MappingProxyType(rules))
-
-
-def variant_name(reuse: Iterable[str]) -> str:
-    """``compute_all`` or ``reuse_<kinds>`` (kinds in ``PAB_KINDS`` order)."""
-    kinds = sorted(reuse, key=PAB_KINDS.index)
-    return "reuse_" + "_".join(kinds) if kinds else "compute_all"
 
 
 def read_timestep(inputs: Mapping[str, Any], arg: str = TIMESTEP_ARG) -> float:
@@ -211,74 +119,13 @@ class Variant:
     record: PassRecord | None = None
     """What the specialization did (removed nodes, linears, attention ops, collectives)."""
 
-
-class GraphVariants:
-    """Builds variants from the final per-rank graph, each once, on first use."""
-
-    def __init__(
-        self,
-        gm: torch.fx.GraphModule,
-        ctx: PassContext,
-        regions: Sequence[PABRegion],
-        cached: frozenset[str],
-        *,
-        compile: bool | None = None,
-    ) -> None:
-        self.base = flat_copy(gm)
-        self.ctx = ctx
-        self.regions = tuple(regions)
-        self.cached = cached
-        self.compile = compile
-        """``vdopt.compile.compile_graph``'s ``enabled``: None compiles on CUDA only."""
-        self.built: dict[frozenset[str], Variant] = {}
-
-    def graph(self, reuse: frozenset[str]) -> tuple[torch.fx.GraphModule, PABSpecialize, PassRecord]:
-        spec = PABSpecialize(regions=self.regions, reuse=reuse, cache=self.cached)
-        gm, records = run_passes(flat_copy(self.base), self.ctx, [spec])
-        return gm, spec, records[0]
-
-    def __call__(self, reuse: frozenset[str]) -> Variant:
-        variant = self.built.get(reuse)
-        if variant is None:
-            gm, spec, record = self.graph(reuse)
-            name = variant_name(reuse)
-            run = compile_graph(gm, self.ctx.device, enabled=self.compile, name=f"pab {name}")
-            variant = Variant(
-                name=name, reuse=reuse, run=run, cache_inputs=spec.cache_inputs(),
-                cache_outputs=spec.cache_outputs(), graph=gm, record=record,
-            )
-            log.debug("PAB variant %s: %s", variant.name, record.stats)
-            self.built[reuse] = variant
-        return variant
-
-
-# -- regions, decisions, caches and figures (shared by every program that applies PAB) ------
-
-def find_graph_regions(
-    graphs: Mapping[Hashable, torch.fx.GraphModule],
-    config: PABConfig,
-    sites: tuple[AttentionSite, ...],
-    *,
-    side_outputs: Mapping[Hashable, Collection[torch.fx.Node]] | None = None,
-) -> tuple[PABSchedule, dict[Hashable, list[PABRegion]], dict[str, str]]:
-    """The schedule (kinds some graph has regions of), each graph's regions, and the sites
-    not broadcast and why. ``side_outputs``: per graph, see ``region_outputs``."""
-    schedule = PABSchedule.from_config(config)
-    regions: dict[Hashable, list[PABRegion]] = {}
-    skipped: dict[str, str] = {}
-    for key, gm in graphs.items():
-        found, why = find_pab_regions(
-            gm.graph, sites, mlp=config.mlp_range is not None, side_outputs=(side_outputs or {}).get(key, ())
+    @classmethod
+    def runnable(cls, graph: VariantGraph, device: torch.device, *, compile: bool | None, name: str) -> Variant:
+        """``graph`` run through ``vdopt.compile.compile_graph(enabled=compile)``."""
+        return cls(
+            name=graph.name, reuse=graph.reuse, run=compile_graph(graph.gm, device, enabled=compile, name=name),
+            cache_inputs=graph.cache_inputs, cache_outputs=graph.cache_outputs, graph=graph.gm, record=graph.record,
         )
-        # Kinds with range None or 1 compute on every call: nothing to specialize or cache.
-        regions[key] = [r for r in found if r.kind in schedule.rules]
-        for site, reason in why.items():
-            skipped.setdefault(site, reason)
-    schedule = schedule.only(r.kind for found in regions.values() for r in found)
-    if not any(regions.values()):
-        names = ", ".join(type(gm).__name__ for gm in graphs.values())
-        log.warning("PAB: no attention site of %s is broadcastable (%s)", names, skipped or "no sites")
-    return schedule, regions, skipped
 
 
 class PABState:
@@ -389,30 +236,38 @@ class PABProgram:
         *,
         schedule: PABSchedule,
         regions: Sequence[PABRegion],
-        variants: Callable[[frozenset[str]], Variant],
+        variants: Mapping[frozenset[str], Variant],
         in_spec: pytree.TreeSpec | None,
         out_spec: pytree.TreeSpec | None,
         input_names: Sequence[str] = (),
         skipped: Mapping[str, str] | None = None,
     ) -> None:
-        """Prefer ``from_graph``; this form lets a loader plug in precompiled variants.
+        """Prefer ``build``; this form lets a loader plug in precompiled variants.
 
         Args:
             schedule: the per-kind rules.
             regions: broadcastable regions; only their kinds and cache keys are used here.
-            variants: ``reuse pattern -> Variant``, called once per call (cache it inside).
+            variants: reuse pattern -> variant, for every pattern of ``schedule.patterns()``.
             in_spec / out_spec: the captured graph's pytree specs (``None``: inputs are passed
                 flat in ``input_names`` order and the output leaves are returned as a tuple).
             skipped: sites not broadcast and why (for the report).
         """
         self.schedule = schedule
         self.regions = tuple(regions)
-        self._variants = variants
+        self._variants = dict(variants)
         self.in_spec = in_spec
         self.out_spec = out_spec
         self.input_names = tuple(input_names)
         self.tracker = StepTracker()
         self.state = PABState(schedule, {MAIN_GRAPH: self.regions}, skipped)
+        # the step of each variant, its collectives' groups found once (loaded variants: unknown)
+        self._steps = {
+            reuse: graph_step(f"PAB variant {v.name}", v.graph) if v.graph is not None
+            else Step(what=f"PAB variant {v.name}")
+            for reuse, v in self._variants.items()
+        }
+        self.step = Step(what="no call yet")
+        """What the program runs now (for errors raised during a call)."""
 
     @property
     def slots(self) -> dict[int, SlotState]:
@@ -428,20 +283,21 @@ class PABProgram:
         return self.state.skipped
 
     @classmethod
-    def from_graph(
-        cls, gm: torch.fx.GraphModule, ctx: PassContext, config: PABConfig, *, compile: bool | None = None
+    def build(
+        cls, gm: torch.fx.GraphModule, graphs: PABGraphs, device: torch.device, *, compile: bool | None = None
     ) -> PABProgram:
-        """PAB over the final per-rank graph ``gm`` (after every other pass); each variant is
-        run through ``vdopt.compile.compile_graph(enabled=compile)``."""
-        schedule, regions, skipped = find_graph_regions({MAIN_GRAPH: gm}, config, ctx.sites)
-        codegen = gm.graph._codegen
-        info = getattr(codegen, "pytree_info", None)
+        """PAB over the final per-rank graph ``gm``, whose variants ``graphs`` holds (its one
+        graph keyed ``MAIN_GRAPH``); each runs through ``compile_graph(enabled=compile)``."""
+        info = getattr(gm.graph._codegen, "pytree_info", None)
         names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
-        variants = GraphVariants(gm, ctx, regions[MAIN_GRAPH], frozenset(schedule.rules), compile=compile)
+        variants = {
+            reuse: Variant.runnable(v, device, compile=compile, name=f"pab {v.name}")
+            for reuse, v in graphs.variants[MAIN_GRAPH].items()
+        }
         return cls(
-            schedule=schedule, regions=regions[MAIN_GRAPH], variants=variants,
+            schedule=graphs.schedule, regions=graphs.regions[MAIN_GRAPH], variants=variants,
             in_spec=info.in_spec if info else None, out_spec=info.out_spec if info else None,
-            input_names=names, skipped=skipped,
+            input_names=names, skipped=graphs.skipped,
         )
 
     # -- running ---------------------------------------------------------------------------
@@ -464,7 +320,9 @@ class PABProgram:
 
     def __call__(self, inputs: dict[str, Any]) -> Any:
         slot, reuse = self.decide(read_timestep(inputs))
-        outputs = self.state.run(slot, MAIN_GRAPH, self._variants(reuse), self._flatten(inputs))
+        variant = self._variants[reuse]
+        self.step = self._steps[reuse]
+        outputs = self.state.run(slot, MAIN_GRAPH, variant, self._flatten(inputs))
         self.state.finish(slot, reuse, [MAIN_GRAPH])
         return self._unflatten(outputs)
 
@@ -478,34 +336,28 @@ class PABProgram:
         """Bytes of cached region outputs held now (all slots)."""
         return self.state.cache_bytes()
 
-    def variant(self, reuse: Iterable[str] = ()) -> Variant:
-        """The variant for one pattern of reused kinds (built now if needed)."""
-        return self._variants(frozenset(reuse))
-
-    def variants(self, patterns: Iterable[Iterable[str]] | None = None) -> dict[str, torch.fx.GraphModule]:
-        """Specialized graphs by variant name, for every pattern the schedule can need.
+    def variants(self) -> dict[str, torch.fx.GraphModule]:
+        """Specialized graphs by variant name, one per pattern the schedule can need.
 
         Each is flat: ``gm(*input_leaves, *cache_inputs) -> (*output_leaves, *cache_outputs)``
         with the cache keys listed per variant in ``schedule_spec()``.
         """
-        patterns = self.schedule.patterns() if patterns is None else [frozenset(p) for p in patterns]
         out = {}
-        for reuse in patterns:
-            v = self._variants(frozenset(reuse))
+        for v in self._variants.values():
             assert v.graph is not None, "this program's variants were loaded, not built"
             out[v.name] = v.graph
         return out
 
     def schedule_spec(self) -> dict[str, Any]:
         """JSON-serializable description of the schedule, regions and variant signatures."""
-        variants = {}
-        for reuse in self.schedule.patterns():
-            v = self._variants(reuse)
-            variants[v.name] = {
-                "reuse": sorted(reuse, key=PAB_KINDS.index),
+        variants = {
+            v.name: {
+                "reuse": sorted(v.reuse, key=PAB_KINDS.index),
                 "cache_inputs": list(v.cache_inputs),
                 "cache_outputs": list(v.cache_outputs),
             }
+            for v in self._variants.values()
+        }
         return {
             "timestep_arg": TIMESTEP_ARG,
             "rules": self.schedule.as_dict(),
@@ -538,11 +390,11 @@ class PABProgram:
         ]
         loads = pytree.treespec_loads
         return cls(
-            schedule=PABSchedule.from_dict(spec["rules"]), regions=regions, variants=by_reuse.__getitem__,
+            schedule=PABSchedule.from_dict(spec["rules"]), regions=regions, variants=by_reuse,
             in_spec=loads(spec["in_spec"]) if spec.get("in_spec") else None,
             out_spec=loads(spec["out_spec"]) if spec.get("out_spec") else None,
             input_names=spec.get("input_names", ()),
         )
 
     def summary(self) -> dict[str, Any]:
-        return self.state.summary(getattr(self._variants, "built", {}).values())
+        return self.state.summary(self._variants.values())

@@ -1,11 +1,17 @@
-"""The public entry point of the kernels: ``vdopt.kernels.attention``."""
+"""The public attention entry: validates inputs and runs the registered ``vdopt::attention`` op.
 
+It needs the op (``vdopt.ops``), so it sits at the ops layer, above the kernels; users find
+it as ``vdopt.kernels.attention`` (re-exported lazily by ``vdopt.kernels``).
+"""
 
 from __future__ import annotations
 
 import math
 
 import torch
+
+from vdopt import ops
+from vdopt.kernels.dispatch import unsupported_reason
 
 __all__ = ["attention"]
 
@@ -31,9 +37,6 @@ def attention(
     Runs ``torch.ops.vdopt.attention``: Triton kernels on CUDA (and on CPU under
     ``TRITON_INTERPRET=1``), the PyTorch reference elsewhere.
     """
-    from vdopt import ops  # registers torch.ops.vdopt.*
-    from vdopt.kernels.dispatch import unsupported_reason
-
     mask_shape = None if key_mask is None else tuple(key_mask.shape)
     reason = unsupported_reason(
         tuple(q.shape), tuple(k.shape), tuple(v.shape), (q.dtype, k.dtype, v.dtype), mask_shape

@@ -1,6 +1,6 @@
-"""Sharded tensor layouts: which logical factors make up each dim, and which are split over ranks.
+"""Sharded shapes: which logical factors make up each dim of a tensor, and which are split over ranks.
 
-Every tensor computed from a sharded activation carries a ``Layout``: one ``Dim`` per tensor
+Every tensor computed from a sharded activation carries a ``ShardedShape``: one ``Dim`` per tensor
 dim. A dim is the row-major product of ``Factor``s, optionally with replicated rows before
 (``pre``) and after (``post``) the product: the text tokens of a joint text+video sequence.
 A factor with a ``Split`` is cut into contiguous chunks over the ranks of one or more mesh
@@ -154,8 +154,11 @@ class Dim:
 
 
 @dataclasses.dataclass(frozen=True)
-class Layout:
+class ShardedShape:
+    """The global shape of a tensor, dim by dim, with how each dim is split over ranks."""
+
     dims: tuple[Dim, ...]
+    """One ``Dim`` per tensor dim."""
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -183,17 +186,17 @@ class Layout:
     def sharded_factors(self) -> list[tuple[int, int, Factor]]:
         return [(i, j, f) for i, d in enumerate(self.dims) for j, f in enumerate(d.factors) if f.split is not None]
 
-    def with_dim(self, index: int, dim: Dim) -> "Layout":
+    def with_dim(self, index: int, dim: Dim) -> "ShardedShape":
         dims = list(self.dims)
         dims[index] = dim
-        return Layout(tuple(dims))
+        return ShardedShape(tuple(dims))
 
-    def permute(self, order: Sequence[int]) -> "Layout":
-        return Layout(tuple(self.dims[i] for i in order))
+    def permute(self, order: Sequence[int]) -> "ShardedShape":
+        return ShardedShape(tuple(self.dims[i] for i in order))
 
-    def aligned(self, ndim: int) -> "Layout":
+    def aligned(self, ndim: int) -> "ShardedShape":
         """Broadcast-aligned to ``ndim`` dims (size-1 dims prepended)."""
-        return Layout((Dim(),) * (ndim - len(self.dims)) + self.dims)
+        return ShardedShape((Dim(),) * (ndim - len(self.dims)) + self.dims)
 
     def describe(self) -> str:
         def one(d: Dim) -> str:
@@ -203,7 +206,7 @@ class Layout:
         return "(" + ", ".join(one(d) for d in self.dims) + ")"
 
 
-def map_reshape(layout: Layout, out_shape: Sequence[int]) -> Layout | None:
+def map_reshape(layout: ShardedShape, out_shape: Sequence[int]) -> ShardedShape | None:
     """The layout after reshaping a tensor of ``layout`` to global ``out_shape``.
 
     Factors are carried over in row-major order; an unsplit factor may be cut in two when an
@@ -250,4 +253,4 @@ def map_reshape(layout: Layout, out_shape: Sequence[int]) -> Layout | None:
             out.append(Dim(tuple(factors)))
     if i != len(items):
         return None
-    return Layout(tuple(out))
+    return ShardedShape(tuple(out))
