@@ -3,8 +3,9 @@
     python benchmarks/attention.py                 # GPU: every shape below, bf16
     python benchmarks/attention.py --quick         # CPU toy sizes under the Triton interpreter (alias --smoke)
 
-For every shape it times vdopt's kernel against SDPA's cuDNN and flash backends and, when the
-``flash_attn`` wheel with the CuTe interface is installed, FlashAttention-4. Compute-bound
+For every shape it times vdopt's kernel against SDPA's cuDNN, flash and memory-efficient
+backends and, when installed, the ``flash_attn`` wheel (FlashAttention-2) and its CuTe
+interface (FlashAttention-4). Compute-bound
 shapes report TFLOP/s (4*B*N*Sq*Skv*D / time), short-sequence shapes also GB/s of Q, K, V and
 O moved. Each backend's relative error is ``||out - ref|| / ||ref||`` against an fp32
 reference on a slice of heads and query rows (all keys). Results go to ``--out`` (default
@@ -111,6 +112,16 @@ def backends(device: str) -> dict[str, Callable]:
     if device == "cuda":
         found["sdpa_cudnn"] = sdpa_with(SDPBackend.CUDNN_ATTENTION)
         found["sdpa_flash"] = sdpa_with(SDPBackend.FLASH_ATTENTION)
+        found["sdpa_efficient"] = sdpa_with(SDPBackend.EFFICIENT_ATTENTION)
+        try:
+            from flash_attn import flash_attn_func as fa2_func  # FlashAttention-2 wheel
+
+            def fa2(q, k, v):
+                return fa2_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+            found["flash_attn"] = fa2
+        except ImportError:
+            log.warning("flash_attn is not installed: FlashAttention-2 is not measured")
         try:
             from flash_attn.cute.interface import flash_attn_func  # FlashAttention-4 (CuTe DSL)
 

@@ -87,7 +87,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda with --full, else cpu)")
     p.add_argument("--dtype", default=None, help="weights and activations (default float32 on the CPU, bfloat16 on CUDA)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads per worker process (default: every core)")
-    p.add_argument("--methods", default=None, help="comma-separated subset of " + ", ".join(METHODS) + " (default: all)")
+    p.add_argument("--methods", default=None, help="comma-separated subset of " + ", ".join(METHODS)
+                        + ", or 'none' to run only --artifact (default: all)")
     p.add_argument("--meshes", default=None,
                    help="parallel meshes to run as extra methods, ';'-separated, e.g. 'ulysses=2;ring=2'; "
                         "'none' for none (default: ulysses=2 when 2 ranks fit)")
@@ -150,7 +151,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     args = resolved(args)
     cfg = config_from(args)
     cuda = cfg.device.startswith("cuda")
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    # 'none': only the artifact (``vdopt gpu-check`` runs each method as a stage of its own)
+    methods = [] if args.methods == "none" else [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
 from vdopt.models import build, list_models
@@ -60,16 +62,34 @@ def test_zoo_graphs_lose_their_noops_and_keep_their_outputs(name):
     assert sum(record.stats.values()) == len(gm_off.graph.nodes) - len(gm.graph.nodes)
 
 
+def _identities_by_dtype(gm: torch.fx.GraphModule) -> Counter:
+    """The reference count, from the values alone: every export assert, every dropout of an
+    eval model, and each cast / ``type_as`` whose output has its input's dtype and device."""
+    want = Counter()
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or not isinstance(n.target, torch._ops.OpOverload):
+            continue
+        kind = n.target._opname
+        if kind in ("_assert_tensor_metadata", "dropout"):
+            want[kind] += 1
+        elif kind in ("to", "type_as"):
+            x, out = n.args[0].meta["val"], n.meta["val"]
+            want[kind] += (x.dtype, x.device) == (out.dtype, out.device)
+    return +want
+
+
 def test_wan_counts():
     """Wan has every kind the pass knows of a real DiT: asserts, casts, type_as, dropouts."""
     model, args, kwargs = build("wan", "tiny")
     gm = capture(model, bind_call(model, args, kwargs))
-    gm, records = run_passes(gm, ctx(), [FoldViews(), DropNoOps()])
-    assert records[1].stats == {"_assert_tensor_metadata": 37, "dropout": 6, "to": 37, "type_as": 20}
+    gm, _ = run_passes(gm, ctx(), [FoldViews()])
+    want = _identities_by_dtype(gm)
+    assert set(want) == {"_assert_tensor_metadata", "dropout", "to", "type_as"}
+    gm, records = run_passes(gm, ctx(), [DropNoOps()])
+    assert records[0].stats == dict(want)
     assert find_noops(gm.graph) == []
-    # its one contiguous() is of a transposed tensor: real work, kept
-    (contiguous,) = calls(gm, aten.contiguous.default)
-    assert not contiguous.args[0].meta["val"].is_contiguous()
+    # a contiguous() that is kept (diffusers 0.42's Wan has one) copies a transposed tensor
+    assert all(not n.args[0].meta["val"].is_contiguous() for n in calls(gm, aten.contiguous.default))
 
 
 class Identities(torch.nn.Module):

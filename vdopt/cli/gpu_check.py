@@ -1,0 +1,64 @@
+"""``vdopt gpu-check``: the whole GPU check (``benchmarks/gpu_check.py`` of the source checkout).
+
+On one H100 it runs the CUDA tests, times attention against SDPA's backends and runs
+Wan2.1-T2V-1.3B end to end (diffusers eager, ``torch.compile``, diffusers' PAB hook, vdopt,
+vdopt + PAB, an AOT artifact) within 8 minutes; ``--tiny`` rehearses every stage on the CPU.
+Results go to ``--out`` (``gpu_check.json``, ``.png``, ``.txt``); the table is printed last.
+Exit status 1 when a stage did not end ``ok``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.py"
+"""The check's stages live with the benchmarks they compose."""
+
+
+def check_module() -> ModuleType:
+    """``benchmarks/gpu_check.py`` of the checkout vdopt runs from (loaded once)."""
+    if not SCRIPT.is_file():
+        raise ValueError(
+            f"vdopt gpu-check runs the benchmarks of a source checkout ({SCRIPT} is missing): "
+            "install vdopt from its repository (pip install -e .)"
+        )
+    spec = importlib.util.spec_from_file_location("vdopt_benchmarks_gpu_check", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = sys.modules.get(spec.name)
+    if module is None:
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+        saved_path = list(sys.path)
+        try:
+            spec.loader.exec_module(module)
+        finally:
+            sys.path[:] = saved_path  # the script put benchmarks/ first to import harness
+    return module
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("gpu-check", help="the GPU check: CUDA tests, attention timings, Wan2.1 end to end "
+                                         "(8 minutes on an H100; --tiny: a CPU rehearsal)",
+                       description=__doc__.split("\n\n")[1].replace("\n", " "))
+    try:
+        module = check_module()
+    except ValueError as e:
+        p.set_defaults(func=functools.partial(_missing, e))
+        return
+    module.add_arguments(p)
+    p.set_defaults(func=functools.partial(_run, module))
+
+
+def _run(module: ModuleType, args: argparse.Namespace) -> int:
+    if args.stage:
+        raise ValueError("--stage is internal: the check starts its stage processes itself")
+    return module.run_from_args(args)
+
+
+def _missing(error: ValueError, args: argparse.Namespace) -> int:
+    raise error
