@@ -13,7 +13,7 @@ import re
 import torch
 
 from vdopt.cli import main
-from vdopt.cli.bench import harness
+from vdopt.cli.benchmark_source import load_benchmark
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -48,7 +48,7 @@ def test_bench_quick_writes_json_markdown_and_plot_to_out(tmp_path, monkeypatch)
     assert {p: p.stat().st_mtime_ns for p in (ROOT / "benchmarks" / "results").iterdir()} == committed
 
     assert report["versions"]["torch"] == torch.__version__ and report["date"] and "CPU" in report["device"]
-    quick = harness().QUICK  # --quick's documented preset
+    quick = load_benchmark("e2e", "vdopt bench").QUICK  # --quick's documented preset
     assert {k: cfg[k] for k in ("layers", "frames", "height", "width", "text_len", "steps", "repeats")} == {
         k: quick[k] for k in ("layers", "frames", "height", "width", "text_len", "steps", "repeats")}
     assert len(report["timesteps"]) == cfg["steps"]

@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from vdopt.cli.gpu_check import check_module
+from vdopt.cli.benchmark_source import load_benchmark
 
 
 def positive_numbers(figures: dict) -> bool:
@@ -35,7 +35,7 @@ def test_tiny_rehearsal_runs_every_stage_ok_and_prints_the_table_last(rehearsal)
     proc, out = rehearsal
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / "gpu_check.json").read_text())
-    module = check_module()
+    module = load_benchmark("gpu_check", "vdopt gpu-check")
     assert list(report["stages"]) == [stage.name for stage in module.stages()]
     for name, record in report["stages"].items():
         assert record["status"] == "ok", (name, record)
@@ -65,7 +65,7 @@ def test_tiny_rehearsal_runs_every_stage_ok_and_prints_the_table_last(rehearsal)
 
 
 def test_a_stage_past_its_limit_is_stopped_and_recorded(tmp_path):
-    module = check_module()
+    module = load_benchmark("gpu_check", "vdopt gpu-check")
     (stage,) = [s for s in module.stages() if s.name == "e2e_vdopt"]
     record = module.run_stage(stage, module.CheckConfig(tiny=True), tmp_path, limit_s=1.0)
     assert record["status"] == "timeout: stopped after 1 s"
@@ -73,7 +73,7 @@ def test_a_stage_past_its_limit_is_stopped_and_recorded(tmp_path):
 
 
 def test_a_failing_stage_is_recorded_with_its_log(tmp_path):
-    module = check_module()
+    module = load_benchmark("gpu_check", "vdopt gpu-check")
     (stage,) = [s for s in module.stages() if s.name == "e2e_vdopt_artifact"]
     cfg = module.CheckConfig(tiny=True, artifact_of="diffusers_eager")  # not a vdopt method: e2e.py refuses it
     record = module.run_stage(stage, cfg, tmp_path, limit_s=120.0)
@@ -82,7 +82,7 @@ def test_a_failing_stage_is_recorded_with_its_log(tmp_path):
 
 
 def test_stages_past_the_budget_are_skipped_not_started(tmp_path):
-    module = check_module()
+    module = load_benchmark("gpu_check", "vdopt gpu-check")
     records = module.run_all(module.CheckConfig(tiny=True, budget_s=module.MIN_STAGE_S / 2), tmp_path)
     assert all(r["status"].startswith("skipped: the run's") for r in records.values())
     assert not (tmp_path / "stages").exists()

@@ -12,34 +12,9 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.util
-import sys
-from pathlib import Path
 from types import ModuleType
 
-
-def harness() -> ModuleType:
-    """``benchmarks/e2e.py`` of the checkout vdopt runs from."""
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "e2e.py"
-    if not path.is_file():
-        raise ValueError(
-            f"vdopt bench runs the harness of a source checkout ({path} is missing): "
-            "install vdopt from its repository (pip install -e .) to benchmark"
-        )
-    spec = importlib.util.spec_from_file_location("vdopt_benchmarks_e2e", path)
-    assert spec is not None and spec.loader is not None
-    module = sys.modules.get(spec.name)
-    if module is None:
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-        saved_path = list(sys.path)
-        try:
-            spec.loader.exec_module(module)
-        finally:
-            # e2e.py puts benchmarks/ first on sys.path to import its siblings; they are
-            # loaded now, so the folder's generic module names stop shadowing anything else.
-            sys.path[:] = saved_path
-    return module
+from vdopt.cli.benchmark_source import load_benchmark
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -47,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="End-to-end denoising benchmark: diffusers and vdopt methods side by side, each in "
                                    "its own process; writes JSON, a Markdown table and a plot to --out.")
     try:
-        module = harness()
+        module = load_benchmark("e2e", "vdopt bench")
     except ValueError as e:
         p.set_defaults(func=functools.partial(_missing, e))
         return

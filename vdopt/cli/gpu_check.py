@@ -11,34 +11,9 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.util
-import sys
-from pathlib import Path
 from types import ModuleType
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.py"
-"""The check's stages live with the benchmarks they compose."""
-
-
-def check_module() -> ModuleType:
-    """``benchmarks/gpu_check.py`` of the checkout vdopt runs from (loaded once)."""
-    if not SCRIPT.is_file():
-        raise ValueError(
-            f"vdopt gpu-check runs the benchmarks of a source checkout ({SCRIPT} is missing): "
-            "install vdopt from its repository (pip install -e .)"
-        )
-    spec = importlib.util.spec_from_file_location("vdopt_benchmarks_gpu_check", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = sys.modules.get(spec.name)
-    if module is None:
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-        saved_path = list(sys.path)
-        try:
-            spec.loader.exec_module(module)
-        finally:
-            sys.path[:] = saved_path  # the script put benchmarks/ first to import harness
-    return module
+from vdopt.cli.benchmark_source import load_benchmark
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -46,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                          "(8 minutes on an H100; --tiny: a CPU rehearsal)",
                        description=__doc__.split("\n\n")[1].replace("\n", " "))
     try:
-        module = check_module()
+        module = load_benchmark("gpu_check", "vdopt gpu-check")
     except ValueError as e:
         p.set_defaults(func=functools.partial(_missing, e))
         return
