@@ -11,23 +11,16 @@ they run, so registering the command stays cheap.
 from __future__ import annotations
 
 import argparse
-import functools
 from types import ModuleType
 
-from vdopt.cli.benchmark_source import load_benchmark
+from vdopt.cli.benchmark_source import bind_benchmark
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="end-to-end denoising benchmark: diffusers and vdopt side by side (--quick: under a minute)",
                        description="End-to-end denoising benchmark: diffusers and vdopt methods side by side, each in "
                                    "its own process; writes JSON, a Markdown table and a plot to --out.")
-    try:
-        module = load_benchmark("e2e", "vdopt bench")
-    except ValueError as e:
-        p.set_defaults(func=functools.partial(_missing, e))
-        return
-    module.add_arguments(p)
-    p.set_defaults(func=functools.partial(_run, module))
+    bind_benchmark(p, "e2e", "vdopt bench", _run)
 
 
 def _run(module: ModuleType, args: argparse.Namespace) -> int:
@@ -35,7 +28,3 @@ def _run(module: ModuleType, args: argparse.Namespace) -> int:
     if report.get("written_to"):
         print(f"wrote {report['written_to']}.json (and .md, .png)")
     return 0
-
-
-def _missing(error: ValueError, args: argparse.Namespace) -> int:
-    raise error

@@ -6,8 +6,11 @@ and ``vdopt gpu-check`` run the scripts of the checkout vdopt was installed from
 
 from __future__ import annotations
 
+import argparse
+import functools
 import importlib.util
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -36,3 +39,27 @@ def load_benchmark(name: str, command: str) -> ModuleType:
             # loaded now, so the folder's generic module names stop shadowing anything else.
             sys.path[:] = saved_path
     return module
+
+
+def bind_benchmark(
+    parser: argparse.ArgumentParser,
+    name: str,
+    command: str,
+    run: Callable[[ModuleType, argparse.Namespace], int],
+) -> None:
+    """Give ``parser`` the options of ``benchmarks/<name>.py`` and run it with ``run(module, args)``.
+
+    Without a checkout the command still registers (``vdopt --help`` works) and fails with
+    the loading error when it is run.
+    """
+    try:
+        module = load_benchmark(name, command)
+    except ValueError as e:
+        parser.set_defaults(func=functools.partial(_raise, e))
+        return
+    module.add_arguments(parser)
+    parser.set_defaults(func=functools.partial(run, module))
+
+
+def _raise(error: ValueError, args: argparse.Namespace) -> int:
+    raise error

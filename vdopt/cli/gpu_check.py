@@ -10,30 +10,19 @@ Exit status 1 when a stage did not end ``ok``.
 from __future__ import annotations
 
 import argparse
-import functools
 from types import ModuleType
 
-from vdopt.cli.benchmark_source import load_benchmark
+from vdopt.cli.benchmark_source import bind_benchmark
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("gpu-check", help="the GPU check: CUDA tests, attention timings, Wan2.1 end to end "
                                          "(8 minutes on an H100; --tiny: a CPU rehearsal)",
                        description=__doc__.split("\n\n")[1].replace("\n", " "))
-    try:
-        module = load_benchmark("gpu_check", "vdopt gpu-check")
-    except ValueError as e:
-        p.set_defaults(func=functools.partial(_missing, e))
-        return
-    module.add_arguments(p)
-    p.set_defaults(func=functools.partial(_run, module))
+    bind_benchmark(p, "gpu_check", "vdopt gpu-check", _run)
 
 
 def _run(module: ModuleType, args: argparse.Namespace) -> int:
     if args.stage:
         raise ValueError("--stage is internal: the check starts its stage processes itself")
     return module.run_from_args(args)
-
-
-def _missing(error: ValueError, args: argparse.Namespace) -> int:
-    raise error
