@@ -259,3 +259,29 @@ def test_gpu_opcheck_and_key_mask(rng_inputs):
     ref, _ = attention_reference(q, k, v, 0.1, mask, compute_dtype=torch.float32)
     torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=0)
     assert torch.all(lse[1] == float("-inf"))
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_ring_partial_attention_returns_the_lse_of_sdpa_backends(dtype, rng_inputs):
+    """The ring op's per-block attention on CUDA: vdopt's kernel without a mask, SDPA's
+    memory-efficient backend (it returns the log-sum-exp) with one, and the blockwise math
+    fallback, all against fp32 math; rows whose keys are all masked contribute nothing."""
+    from vdopt.ring_attention import attention_with_lse, blockwise_attention_with_lse
+
+    gen = rng_inputs
+    q, k, v = make_qkv(2, 4, 333, 250, 64, dtype=dtype, gen=gen)
+    mask = (torch.rand(2, 1, 1, 250, generator=gen) > 0.3).cuda()
+    mask[1] = False
+    ref, ref_lse = attention_reference(q, k, v, 0.125, mask[:, 0, 0], compute_dtype=torch.float32)
+    unmasked = attention_reference(q, k, v, 0.125, compute_dtype=torch.float32)
+    tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    for masked in (None, mask):
+        out, lse = attention_with_lse(q, k, v, masked, 0.125)
+        want, want_lse = (ref, ref_lse) if masked is not None else unmasked
+        torch.testing.assert_close(out.float(), want, atol=tolerance, rtol=0)
+        finite = torch.isfinite(want_lse)
+        torch.testing.assert_close(lse[finite], want_lse[finite], atol=1e-2, rtol=1e-3)
+    assert torch.all(lse[1] == float("-inf")) and torch.all(out[1] == 0)
+    out, lse = blockwise_attention_with_lse(q, k, v, mask, 0.125, tile_elements=4096)
+    torch.testing.assert_close(out[0].float(), ref[0], atol=tolerance, rtol=0)

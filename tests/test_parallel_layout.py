@@ -7,7 +7,7 @@ import torch
 
 from vdopt.mesh import AxisGroup
 from vdopt.passes.dims.sharded_shape import Dim, Factor, ShardedShape, Split, map_reshape
-from vdopt.ring_attention import attention_with_lse, merge_partial, ring_bytes_sent
+from vdopt.ring_attention import attention_with_lse, blockwise_attention_with_lse, merge_partial, ring_bytes_sent
 
 RING = AxisGroup(axis="ring", group_name="r", size=2, rank=1)
 ULY = AxisGroup(axis="ulysses", group_name="u", size=2, rank=0)
@@ -81,6 +81,26 @@ def test_attention_with_lse_and_merge_over_key_blocks(rng_inputs):
         o, l = attention_with_lse(q, k[..., lo:hi, :], v[..., lo:hi, :], mask[..., lo:hi], 0.25)
         acc_out, acc_lse = merge_partial(acc_out, acc_lse, o, l)
     torch.testing.assert_close(acc_out.double(), ref_out, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("tile_elements", [1, 7, 40, 1 << 20])
+def test_blockwise_attention_holds_a_tile_of_scores_and_is_exact(tile_elements, rng_inputs):
+    """The plain-math path (CUDA with a mask its backend refuses, value head dims that
+    differ) never builds the whole score matrix: tiles as small as one score still give the
+    fp64 result, rows with no valid key included."""
+    g = rng_inputs
+    q, k = torch.randn(2, 3, 9, 16, generator=g), torch.randn(2, 3, 13, 16, generator=g)
+    v = torch.randn(2, 3, 13, 8, generator=g)  # Dv != D
+    mask = torch.rand(2, 1, 9, 13, generator=g) > 0.5
+    mask[1, 0, 4] = False
+    ref_out, ref_lse = _reference(q, k, v, mask, 0.3)
+    out, lse = blockwise_attention_with_lse(q, k, v, mask, 0.3, tile_elements=tile_elements)
+    valid = torch.isfinite(ref_lse)
+    torch.testing.assert_close(out.double()[valid], ref_out[valid], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lse.double()[valid], ref_lse[valid], rtol=1e-5, atol=1e-6)
+    out, lse = attention_with_lse(q, k, v, mask, 0.3)  # Dv != D takes this path on the CPU
+    torch.testing.assert_close(out.double(), ref_out.nan_to_num(0.0), rtol=1e-5, atol=1e-6)
+    assert torch.isneginf(lse[1, :, 4]).all() and (out[1, :, 4] == 0).all()
 
 
 def test_ring_bytes_count_every_block_but_the_last():

@@ -40,6 +40,11 @@ def _any_valid_key(mask: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
     return valid.any(dim=-1).expand(lse.shape)
 
 
+SCORE_TILE_ELEMENTS = 1 << 26
+"""fp32 scores the plain-math path holds at once (256 MiB): a full score matrix at Wan2.1
+81x480x832 under ring 2 would be about 13 GB."""
+
+
 def attention_with_lse(
     q_BNSD: torch.Tensor,
     k_BNSD: torch.Tensor,
@@ -60,20 +65,79 @@ def attention_with_lse(
         out, lse = aten._scaled_dot_product_flash_attention_for_cpu(
             q_BNSD, k_BNSD, v_BNSD, 0.0, False, attn_mask=bias, scale=scale
         )
-    elif q_BNSD.device.type == "cuda" and same_head_dim and mask is None:
-        from vdopt.kernels.dispatch import attention_forward
-
-        out, lse = attention_forward(q_BNSD, k_BNSD, v_BNSD, scale)
-    else:  # plain fp32 math: other devices, value head dims that differ, masks on CUDA
-        scores = torch.matmul(q_BNSD.float(), k_BNSD.float().transpose(-1, -2)) * scale
-        if mask is not None:
-            scores = scores + _mask_bias(mask, torch.float32)
-        lse = torch.logsumexp(scores, dim=-1)
-        probs = torch.exp(scores - lse.nan_to_num(neginf=0.0)[..., None])
-        out = torch.matmul(probs, v_BNSD.float()).to(q_BNSD.dtype)
+    elif q_BNSD.device.type == "cuda" and same_head_dim:
+        out, lse = _cuda_attention_with_lse(q_BNSD, k_BNSD, v_BNSD, mask, scale)
+    else:  # other devices, value head dims that differ
+        out, lse = blockwise_attention_with_lse(q_BNSD, k_BNSD, v_BNSD, mask, scale)
     if mask is not None:  # a row whose keys are all masked contributes nothing
-        lse = torch.where(_any_valid_key(mask, lse), lse, float("-inf"))
+        valid = _any_valid_key(mask, lse)
+        lse = torch.where(valid, lse, float("-inf"))
+        out = out.masked_fill(~valid[..., None], 0)
     return out, lse.float()
+
+
+def _cuda_attention_with_lse(
+    q_BNSD: torch.Tensor, k_BNSD: torch.Tensor, v_BNSD: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """vdopt's kernel without a mask where Triton is installed; otherwise SDPA's
+    memory-efficient backend, the one that returns the log-sum-exp for every dtype and takes a
+    mask; blockwise plain math where that backend refuses the inputs (head dim, alignment)."""
+    from vdopt.kernels.dispatch import attention_forward, triton_available
+
+    if mask is None and triton_available():
+        return attention_forward(q_BNSD, k_BNSD, v_BNSD, scale)
+    bias = None
+    if mask is not None:  # an expanded view: the backend reads it with broadcast strides
+        bias = _mask_bias(mask, q_BNSD.dtype).expand(*q_BNSD.shape[:-1], k_BNSD.shape[-2])
+    try:
+        out, lse = aten._scaled_dot_product_efficient_attention(
+            q_BNSD, k_BNSD, v_BNSD, bias, True, 0.0, False, scale=scale
+        )[:2]
+    except RuntimeError:
+        return blockwise_attention_with_lse(q_BNSD, k_BNSD, v_BNSD, mask, scale)
+    return out, lse[..., : q_BNSD.shape[-2]]  # some versions pad the query dim of the lse
+
+
+def _tile(mask: torch.Tensor | None, queries: slice, keys: slice) -> torch.Tensor | None:
+    if mask is None:
+        return None
+    return mask[..., queries if mask.shape[-2] > 1 else slice(None), keys if mask.shape[-1] > 1 else slice(None)]
+
+
+def blockwise_attention_with_lse(
+    q_BNSD: torch.Tensor,
+    k_BNSD: torch.Tensor,
+    v_BNSD: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    *,
+    tile_elements: int = SCORE_TILE_ELEMENTS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 softmax attention over (query chunk x key block) tiles, merged by log-sum-exp, so
+    at most about ``tile_elements`` scores exist at once; same contract as ``attention_with_lse``."""
+    *batch, sq, _ = q_BNSD.shape
+    skv = k_BNSD.shape[-2]
+    rows = max(1, math.prod(batch))
+    key_block = max(1, min(skv, tile_elements // rows))
+    query_chunk = max(1, min(sq, tile_elements // (rows * key_block)))
+    outs, lses = [], []
+    for q0 in range(0, sq, query_chunk):
+        queries = slice(q0, q0 + query_chunk)
+        q = q_BNSD[..., queries, :].float()
+        acc_out = acc_lse = None
+        for k0 in range(0, skv, key_block):
+            keys = slice(k0, k0 + key_block)
+            scores = torch.matmul(q, k_BNSD[..., keys, :].float().transpose(-1, -2)) * scale
+            tile_mask = _tile(mask, queries, keys)
+            if tile_mask is not None:
+                scores = scores + _mask_bias(tile_mask, torch.float32)
+            lse = torch.logsumexp(scores, dim=-1)
+            probs = torch.exp(scores - lse.nan_to_num(neginf=0.0)[..., None])
+            out = torch.matmul(probs, v_BNSD[..., keys, :].float())
+            acc_out, acc_lse = merge_partial(acc_out, acc_lse, out, lse)
+        outs.append(acc_out)
+        lses.append(acc_lse)
+    return torch.cat(outs, dim=-2).to(q_BNSD.dtype), torch.cat(lses, dim=-1)
 
 
 def merge_partial(
