@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import datetime
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -89,3 +91,27 @@ def test_a_lost_rank_is_an_error_on_the_others(mode):
     assert cause is not None and cause.split(": ", 1)[1] in message, (message, cause)
     if mode == "hangs":
         assert "Timed out" in cause or "timeout" in cause.lower(), cause
+
+
+MESH_UNDER_TORCHRUN = """
+import os, torch, torch.distributed as dist, vdopt
+before = dist.is_initialized()
+mesh = vdopt.Mesh(ulysses=2)
+t = torch.tensor([dist.get_rank() + 1.0])
+dist.all_reduce(t)
+torch.save({{"before": before, "rank": dist.get_rank(), "world": dist.get_world_size(), "sum": t.item()}},
+           os.path.join({out!r}, f"rank{{os.environ['RANK']}}.pt"))
+dist.destroy_process_group()
+"""
+
+
+def test_mesh_sets_up_the_process_group_when_built(tmp_path):
+    """Under torchrun, dist.get_rank() works right after vdopt.Mesh(...), before any call."""
+    script = tmp_path / "mesh.py"
+    script.write_text(MESH_UNDER_TORCHRUN.format(out=str(tmp_path)))
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                    str(script)], cwd=tmp_path, check=True, timeout=300,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    got = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    assert [g["rank"] for g in got] == [0, 1] and all(g["world"] == 2 and g["sum"] == 3.0 for g in got)
+    assert not any(g["before"] for g in got)

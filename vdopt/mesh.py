@@ -38,8 +38,8 @@ class Mesh:
     """Parallel degrees over the ranks of the default process group.
 
     The product of the degrees must equal the world size. Creating a mesh with a product
-    above 1 initializes the default process group from torchrun's environment if needed
-    (NCCL on CUDA, gloo on CPU).
+    above 1 initializes the default process group from torchrun's environment if none is
+    (gloo for CPU tensors, and NCCL for CUDA ones where CUDA is available).
     """
 
     cfg: int = 1
@@ -73,6 +73,9 @@ class Mesh:
                 f"world size is {world}: change the degrees so their product is {world}, or launch "
                 f"with torchrun --nproc-per-node {self.size}"
             )
+        # Set up now, so dist.get_rank() works right after building a mesh (a script decides
+        # what rank 0 prints or writes before the first model call).
+        self.ensure_process_group()
 
     @property
     def size(self) -> int:
@@ -97,8 +100,12 @@ class Mesh:
             return dist.get_world_size()
         return int(os.environ.get("WORLD_SIZE", "1"))
 
-    def ensure_process_group(self, device: torch.device) -> None:
-        """Initialize the default process group from torchrun's environment when needed."""
+    def ensure_process_group(self, device: torch.device | None = None) -> None:
+        """Initialize the default process group from torchrun's environment when needed.
+
+        Backend: gloo for CPU tensors, NCCL for CUDA ones; ``device=None`` (the mesh does not
+        know the model's device yet) takes both where CUDA is available.
+        """
         if self.size == 1 or dist.is_initialized():
             return
         if "MASTER_ADDR" not in os.environ:
@@ -107,7 +114,10 @@ class Mesh:
                 "and no torchrun environment is set: launch with torchrun, or call "
                 "torch.distributed.init_process_group first"
             )
-        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device is None:
+            backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+        else:
+            backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=self.timeout_s))
 
     def coordinates(self, rank: int) -> dict[str, int]:
