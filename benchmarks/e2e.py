@@ -3,6 +3,7 @@
     vdopt bench                    # CPU default: mid-size Wan, 50 steps, a few minutes
     vdopt bench --quick            # CPU smoke run: a 1-block Wan, 3 steps, under a minute
     vdopt bench --full             # GPU: Wan2.1-T2V-1.3B at 81x480x832, bf16
+    vdopt bench --model latte      # another family: wan (default), latte, cogvideox
     python benchmarks/e2e.py ...   # the same without the CLI
 
 Methods, each in a fresh worker process (clean memory figures, no shared compile state):
@@ -11,6 +12,7 @@ Methods, each in a fresh worker process (clean memory figures, no shared compile
 ``diffusers_eager``         the diffusers model as is
 ``diffusers_compile``       ``torch.compile(model)``
 ``diffusers_pab``           diffusers' ``apply_pyramid_attention_broadcast``
+``vdopt_eager``             ``vdopt.optimize(model, compile=False)`` (no compilation)
 ``vdopt``                   ``vdopt.optimize(model, compile=True)`` (Inductor, CPU too)
 ``vdopt_pab``               ``vdopt.optimize(model, pab=..., compile=True)``, same PAB settings
 ``vdopt_pab_triton``        ... and ``kernels="triton"`` (CUDA only)
@@ -53,7 +55,7 @@ import harness  # noqa: E402
 from e2e_driver import log, run_all, save_artifact  # noqa: E402
 from e2e_report import assemble, write  # noqa: E402
 from e2e_worker import save_worker, worker  # noqa: E402
-from e2e_workload import METHODS, BenchConfig  # noqa: E402
+from e2e_workload import FAMILIES, METHODS, BenchConfig  # noqa: E402
 
 MID_SHAPE = {"layers": 4, "frames": 17, "height": 128, "width": 128, "text_len": 64, "steps": 50, "repeats": 2}
 """The CPU default: the mid-size Wan, 17x128x128, 50 steps, best of 2."""
@@ -74,6 +76,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "generation, methods diffusers_eager, diffusers_pab and vdopt_pab; no mesh, no artifact")
     p.add_argument("--full", action="store_true",
                    help="Wan2.1-T2V-1.3B's published configuration at 81x480x832 in bfloat16, on a CUDA GPU")
+    p.add_argument("--model", default="wan", choices=sorted(FAMILIES),
+                   help="model family: " + "; ".join(f"{k}: {v}" for k, v in FAMILIES.items()) + " (default wan)")
     p.add_argument("--layers", type=int, default=None, help="transformer blocks of the mid-size model (default 4)")
     p.add_argument("--frames", type=int, default=None, help="video frames in pixel space (default 17; --full 81)")
     p.add_argument("--height", type=int, default=None, help="video height in pixels (default 128; --full 480)")
@@ -87,6 +91,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda with --full, else cpu)")
     p.add_argument("--dtype", default=None, help="weights and activations (default float32 on the CPU, bfloat16 on CUDA)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads per worker process (default: every core)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default=None,
+                   help="seconds of a generation: wall time, or the worker's CPU time (robust to other load on a "
+                        "shared machine; mesh rows stay wall). Default: cpu with --threads 1 on the CPU, else wall")
     p.add_argument("--methods", default=None, help="comma-separated subset of " + ", ".join(METHODS)
                         + ", or 'none' to run only --artifact (default: all)")
     p.add_argument("--meshes", default=None,
@@ -127,7 +134,9 @@ def config_from(args: argparse.Namespace) -> BenchConfig:
     device = args.device or ("cuda" if args.full else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: CUDA is not available here (run without --full for the CPU benchmark)")
+    clock = args.clock or ("cpu" if device == "cpu" and args.threads == 1 else "wall")
     return BenchConfig(
+        model=args.model, clock=clock,
         full=args.full, layers=args.layers or MID_SHAPE["layers"], steps=args.steps, guidance=args.guidance,
         repeats=args.repeats, device=device,
         dtype=args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"), threads=args.threads,

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import harness
-from e2e_workload import MID_WAN, PAB_WAN, BenchConfig, scheduler
+from e2e_workload import FAMILIES, MID, BenchConfig, pab_settings, scheduler, tokens_per_call
 
 
 def assemble(cfg: BenchConfig, results: dict[str, dict[str, Any]], latents: dict, interleave: bool) -> dict[str, Any]:
@@ -17,8 +17,6 @@ def assemble(cfg: BenchConfig, results: dict[str, dict[str, Any]], latents: dict
     Derived per method: seconds per step, warm-up (first generation minus the best one),
     speed-up over ``diffusers_eager`` and the final latent's error against it.
     """
-    from vdopt.models.diffusers_models import wan_latent_size
-
     eager = results.get("diffusers_eager", {}).get("seconds")
     reference = latents.get("diffusers_eager")
     for name, r in results.items():
@@ -28,26 +26,34 @@ def assemble(cfg: BenchConfig, results: dict[str, dict[str, Any]], latents: dict
         r["warmup_s"] = r["first_generation_s"] - r["seconds"]
         if eager:
             r["speedup_vs_diffusers_eager"] = eager / r["seconds"]
+        baseline = BASELINES.get(name)
+        if baseline and results.get(baseline, {}).get("seconds"):
+            r[f"speedup_vs_{baseline}"] = results[baseline]["seconds"] / r["seconds"]
         if reference is not None and name in latents:
             r["final_latent_rel_err_vs_eager"] = harness.relative_error(latents[name], reference)
-    T, H, W = wan_latent_size(cfg.frames, cfg.height, cfg.width)
     sched = scheduler()
     sched.set_timesteps(cfg.steps)
     return {
         "benchmark": "e2e",
         **harness.stamp(cfg.device),
         "config": dataclasses.asdict(cfg),
-        "model": "Wan2.1-T2V-1.3B (random weights)" if cfg.full else f"Wan2.1 architecture, mid-size {MID_WAN | {'num_layers': cfg.layers}}",
-        "tokens_per_call": T * (H // 2) * (W // 2),
+        "model": (f"{FAMILIES[cfg.model]}, published config (random weights)" if cfg.full
+                  else f"{FAMILIES[cfg.model]} architecture, mid-size {MID[cfg.model] | {'num_layers': cfg.layers}}"),
+        "tokens_per_call": tokens_per_call(cfg),
         "schedule": f"UniPCMultistepScheduler (flow, shift 3.0), {cfg.steps} steps, "
                     + (f"CFG {cfg.guidance} as separate cond/uncond calls" if cfg.guidance > 1 else "no CFG"),
         "timesteps": [int(t) for t in sched.timesteps],
-        "pab": PAB_WAN,
+        "pab": pab_settings(cfg),
+        "clock": "CPU time of each worker process (one thread; mesh rows: wall)" if cfg.clock == "cpu" else "wall",
         "threads": cfg.threads or os.cpu_count(),
         "timing": "interleaved rounds (every method once per round), best of " + str(cfg.repeats)
                   if interleave else f"one method at a time, best of {cfg.repeats}",
         "methods": results,
     }
+
+
+BASELINES = {"vdopt_eager": "diffusers_eager", "vdopt": "diffusers_compile", "vdopt_pab": "diffusers_pab"}
+"""What each vdopt method replaces: the same execution (eager, Inductor, PAB) without vdopt."""
 
 
 # -- output ----------------------------------------------------------------------------------
@@ -66,23 +72,25 @@ def markdown(report: dict[str, Any]) -> str:
         f"PAB {_pab_text(report['pab'])}. {report['date']}; "
         + ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v),
         "",
-        "| method | s / generation | ms / step | vs diffusers eager | warm-up s | first output s | peak memory | latent rel. err vs eager |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | s / generation | ms / step | vs diffusers eager | vs what it replaces | warm-up s | first output s | peak memory | latent rel. err vs eager |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in report["methods"].items():
         if "skipped" in r:
-            lines.append(f"| {name} | {r['skipped']} | | | | | | |")
+            lines.append(f"| {name} | {r['skipped']} | | | | | | | |")
             continue
         speed = f"{r['speedup_vs_diffusers_eager']:.2f}x" if "speedup_vs_diffusers_eager" in r else "-"
+        baseline = BASELINES.get(name)
+        versus = f"{r[f'speedup_vs_{baseline}']:.2f}x {baseline}" if f"speedup_vs_{baseline}" in r else "-"
         err = f"{r['final_latent_rel_err_vs_eager']:.1e}" if "final_latent_rel_err_vs_eager" in r else "-"
         lines.append(
-            f"| {name} | {r['seconds']:.2f} | {1e3 * r['seconds_per_step']:.1f} | {speed} | {r['warmup_s']:.1f} | "
+            f"| {name} | {r['seconds']:.2f} | {1e3 * r['seconds_per_step']:.1f} | {speed} | {versus} | {r['warmup_s']:.1f} | "
             f"{r['time_to_first_output_s']:.1f} | {_mib(r.get('peak_memory_bytes'))} | {err} |"
         )
     art = report["methods"].get("vdopt_artifact", {})
     notes = [
         "",
-        f"- s / generation: {report['timing']}, after a warm-up generation; a step is "
+        f"- s / generation ({report.get('clock', 'wall')}): {report['timing']}, after a warm-up generation; a step is "
         + ("one cond and one uncond call." if cfg["guidance"] > 1 else "one call."),
         "- warm-up: first generation minus the best one (capture, compilation, first-call costs). "
         "first output: seconds from the worker's process start to the first model output "
@@ -90,7 +98,9 @@ def markdown(report: dict[str, Any]) -> str:
         "- peak memory: " + ("CUDA max_memory_allocated." if cfg["device"].startswith("cuda")
                              else "peak resident set of the worker process (weights, activations, Python and torch)."),
         "- the vdopt rows run the rewritten graphs (per rank, per PAB variant) through Inductor, as "
-        "diffusers_compile does; vdopt_artifact runs AOTInductor packages of the same graphs.",
+        "diffusers_compile does, except vdopt_eager (no compilation, beside diffusers_eager); vdopt_artifact "
+        "runs AOTInductor packages of the same graphs. vs what it replaces: vdopt_eager against diffusers_eager, "
+        "vdopt against diffusers_compile, vdopt_pab against diffusers_pab.",
     ]
     if "aot_compile_s" in art:
         notes.append(

@@ -10,6 +10,10 @@ Methods, each in fresh processes:
 * ``pipefusion2_M<m>``: ``vdopt.optimize(model, Mesh(pipefusion=2), pipefusion=PipeFusionConfig(
   patches=m, warmup_steps=1))`` on two gloo ranks (two processes on this machine's cores).
 
+On the same ranks, whole generations of the two loops, alternating: the model called step by
+step (the pipeline filled and drained in every call) and ``opt.denoise`` (the pipeline full
+across steps, drained once per generation); their gain and the difference of their latents.
+
 The loop is a plain schedule (linear 999 -> 0, one call per step, an Euler update of the
 latent from the prediction), so every step after the first is a pipelined PipeFusion step.
 Per method: seconds per step (wall time of every step after the first two; min and median, the
@@ -51,10 +55,10 @@ import scaling  # noqa: E402  (link models and the H100 anchor)
 from e2e_worker import peak_rss_bytes  # noqa: E402
 from e2e_workload import MID_WAN, BenchConfig, build  # noqa: E402  (the mid-size Wan and its inputs)
 
-QUICK = {"layers": 2, "frames": 5, "height": 64, "width": 64, "steps": 4, "patches": [2]}
+QUICK = {"layers": 2, "frames": 5, "height": 64, "width": 64, "steps": 4, "patches": [2], "repeats": 1}
 """``--quick``: a smoke run; explicit options override it."""
 
-DEFAULTS = {"layers": 8, "frames": 17, "height": 256, "width": 256, "steps": 20, "patches": [2, 4]}
+DEFAULTS = {"layers": 8, "frames": 17, "height": 256, "width": 256, "steps": 20, "patches": [2, 4], "repeats": 3}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -63,6 +67,8 @@ class Run:
     """Model and video size (``e2e``'s mid-size Wan)."""
     steps: int
     """Denoising steps per generation."""
+    repeats: int = 3
+    """Generations per mode in the across-steps comparison (alternating; the minimum is reported)."""
 
 
 def _schedule(steps: int) -> list[float]:
@@ -82,6 +88,38 @@ def _loop(opt, latents, prompt, steps: int, barrier=None) -> tuple[torch.Tensor,
         dt = (t - (ts[i + 1] if i + 1 < steps else 0.0)) / 1000
         x = x - dt * out
     return x, times
+
+
+def _euler(ts: list[float]):
+    """The loop's update as ``opt.denoise`` takes it: ``update(s, x, out)``."""
+    def update(s: int, x: torch.Tensor, out) -> torch.Tensor:
+        dt = (ts[s] - (ts[s + 1] if s + 1 < len(ts) else 0.0)) / 1000
+        return x - dt * out[0]
+    return update
+
+
+def _generations(opt, latents, prompt, steps: int, repeats: int, barrier) -> dict[str, Any]:
+    """Whole generations, alternating: called step by step (``_loop``, the pipeline drained in every
+    call) and ``opt.denoise`` (the pipeline full across steps). Wall seconds of each (rank 0's clock
+    after a barrier), and the two final latents."""
+    ts = _schedule(steps)
+    update = _euler(ts)
+    timesteps = [torch.tensor([t]) for t in ts]
+    times: dict[str, list[float]] = {"step_by_step": [], "across_steps": []}
+    latents_of = {}
+    for _ in range(repeats):
+        for mode in times:
+            barrier()
+            start = time.perf_counter()
+            if mode == "step_by_step":
+                opt.reset()
+                x, _ = _loop(opt, latents, prompt, steps)
+            else:
+                x = opt.denoise(latents, timesteps, update, encoder_hidden_states=prompt, return_dict=False)
+            barrier()
+            times[mode].append(time.perf_counter() - start)
+            latents_of[mode] = x
+    return {"times": times, "latents": latents_of}
 
 
 def _summary(times: list[float]) -> dict[str, float]:
@@ -120,13 +158,18 @@ def _rank(rank: int, world: int, port: int, run: Run, patches: int, queue) -> No
                              pipefusion=vdopt.PipeFusionConfig(patches=patches, warmup_steps=1))
         x, times = _loop(opt, latents, prompt, run.steps, barrier=dist.barrier)
         program = opt.plans[0].program
+        counts = dict(program.counts)
+        gens = _generations(opt, latents, prompt, run.steps, run.repeats, dist.barrier)
         hop = _measure_hop(rank, program)
         result = {
             "times": times, **_summary(times), "latent": x.numpy(),
             "param_bytes": program.param_bytes(), "total_param_bytes": program.total_param_bytes,
             "kv_cache_bytes": program.cache_bytes(), "peak_rss_bytes": peak_rss_bytes(),
             "stage_blocks": program.figures["stage_blocks"], "axis": program.figures["axis"],
-            "patch_sizes": program.figures["sizes"], "hop_s": hop, "counts": dict(program.counts),
+            "patch_sizes": program.figures["sizes"], "hop_s": hop, "counts": counts,
+            "generation_s": gens["times"], "loops": dict(program.loops),
+            "across_vs_step_by_step_err": harness.relative_error(gens["latents"]["across_steps"],
+                                                                 gens["latents"]["step_by_step"]),
         }
         queue.put((rank, result))
     finally:
@@ -201,14 +244,15 @@ def pipefusion_seconds(compute_1: float, stages: int, patches: int, hop_bytes: f
 
 def project() -> list[dict[str, Any]]:
     rows = []
+    links = scaling.links()
     boundary = WAN13["tokens"] * WAN13["hidden"] * WAN13["bytes"]
     out_bytes = WAN13["output_elems"] * WAN13["bytes"]
     for stages in (2, 4, 8):
         for patches in (stages, 2 * stages, 4 * stages):
             by_link = {}
-            for link, spec in scaling.LINKS.items():
+            for link, spec in links.items():
                 t = pipefusion_seconds(scaling.ANCHOR_STEP_S, stages, patches, boundary, out_bytes,
-                                       spec["bandwidth_GBps"] * 1e9, spec["latency_us"] * 1e-6)
+                                       spec.bandwidth_gbps * 1e9, spec.latency_us * 1e-6)
                 by_link[link] = {"seconds": t, "speedup": scaling.ANCHOR_STEP_S / t}
             rows.append({"stages": stages, "patches": patches, "boundary_bytes": boundary,
                          "param_fraction_per_rank": 1 / stages, "by_link": by_link})
@@ -246,6 +290,21 @@ def markdown(report: dict[str, Any]) -> str:
                   + "; ".join(f"M={c['patches']}: projected {c['projected_s']:.3f} s, measured {c['measured_s']:.3f} s "
                               f"({100 * (c['projected_s'] / c['measured_s'] - 1):+.0f}%)" for c in check)
                   + f". Gloo hop: {check[0]['hop_bytes'] * mib:.2f} MiB in {check[0]['hop_s'] * 1e3:.2f} ms."]
+    if report.get("across_steps"):
+        lines += [
+            "",
+            "## The pipeline full across steps (`opt.denoise`) against drained in every call (`opt(...)` per step)",
+            "",
+            "Whole generations on the same two ranks, the two loops alternating (best of "
+            f"{len(report['across_steps'][0]['across_steps_all'])} each, wall time of rank 0 between barriers); "
+            "both run 1 exact warm-up step, then pipelined steps with the same stale K/V, so their latents agree.",
+            "",
+            "| patches M | step by step: s / generation | across steps: s / generation | gain | latent difference |",
+            "|---|---|---|---|---|",
+        ]
+        for a in report["across_steps"]:
+            lines.append(f"| {a['patches']} | {a['step_by_step_s']:.2f} | {a['across_steps_s']:.2f} | "
+                         f"{a['gain']:.2f}x | {a['latent_rel_err']:.1e} |")
     lines += [
         "",
         "## Projection (not a measurement): Wan2.1-T2V-1.3B, 81x480x832, bf16, GPUs",
@@ -254,15 +313,15 @@ def markdown(report: dict[str, Any]) -> str:
         "compute(1)(M+N-1)/(NM) + (N-1) hops of one patch + the output broadcast; no other overlap. "
         "Parameters per rank: about 1/N of the blocks (plus the small prologue/epilogue).",
         "",
-        "| stages N | patches M | " + " | ".join(f"{l}: speed-up" for l in scaling.LINKS) + " |",
-        "|---|---|" + "---|" * len(scaling.LINKS),
+        "| stages N | patches M | " + " | ".join(f"{l}: speed-up" for l in scaling.LINK_ROWS) + " |",
+        "|---|---|" + "---|" * len(scaling.LINK_ROWS),
     ]
     for row in report["projection"]:
         lines.append(f"| {row['stages']} | {row['patches']} | "
-                     + " | ".join(f"{row['by_link'][l]['speedup']:.2f}x" for l in scaling.LINKS) + " |")
-    lines += ["", "The pipeline is filled and drained inside every call (the scheduler step between calls is "
-              "outside the model), which is the (N-1)/(M+N-1) bubble in these figures; xDiT keeps it full "
-              "across steps."]
+                     + " | ".join(f"{row['by_link'][l]['speedup']:.2f}x" for l in scaling.LINK_ROWS) + " |")
+    lines += ["", "These figures assume the pipeline is filled and drained inside every call (the model called "
+              "step by step: the scheduler step between calls is outside the model), the (N-1)/(M+N-1) bubble; "
+              "`opt.denoise` keeps it full across steps, as xDiT does (section above)."]
     return "\n".join(lines) + "\n"
 
 
@@ -275,7 +334,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax1.set_ylabel("seconds per step (min)")
     ax1.set_title("measured on this CPU", fontsize=10)
     ax1.tick_params(axis="x", rotation=20)
-    link = next(iter(scaling.LINKS))
+    link = next(iter(scaling.LINK_ROWS))
     for stages in (2, 4, 8):
         rows = [r for r in report["projection"] if r["stages"] == stages]
         ax2.plot([r["patches"] for r in rows], [r["by_link"][link]["speedup"] for r in rows], marker="o", label=f"N={stages}")
@@ -297,6 +356,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--width", type=int, default=None, help="video width in pixels (default 256)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default 20)")
     p.add_argument("--patches", type=int, nargs="+", default=None, help="patch counts M to run, one pipefusion=2 method each (default 2 4)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="generations per mode (step by step, across steps) on the pipefusion ranks, alternating (default 3)")
     harness.add_out_argument(p)
     args = p.parse_args(argv)
     for key in DEFAULTS:
@@ -304,15 +365,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             setattr(args, key, (QUICK if args.quick else DEFAULTS)[key])
     harness.configure_logging()
     cfg = BenchConfig(layers=args.layers, frames=args.frames, height=args.height, width=args.width, guidance=1.0)
-    run = Run(cfg=cfg, steps=args.steps)
+    run = Run(cfg=cfg, steps=args.steps, repeats=args.repeats)
     single = run_single(run)
     methods: dict[str, Any] = {"single": {k: v for k, v in single.items() if k != "latent"}}
     # the same cores as two one-thread ranks
     methods["single_2threads"] = {k: v for k, v in run_single(run, threads=2).items() if k != "latent"}
     check = []
+    across: list[dict[str, Any]] = []
     for m in args.patches:
         ranks = run_pipefusion(run, m)
         err = harness.relative_error(torch.from_numpy(ranks[0]["latent"]), torch.from_numpy(single["latent"]))
+        gens = ranks[0]["generation_s"]
+        across.append({
+            "patches": m, "step_by_step_s": min(gens["step_by_step"]), "across_steps_s": min(gens["across_steps"]),
+            "step_by_step_all": gens["step_by_step"], "across_steps_all": gens["across_steps"],
+            "gain": min(gens["step_by_step"]) / min(gens["across_steps"]),
+            "latent_rel_err": ranks[0]["across_vs_step_by_step_err"], "loops": ranks[0]["loops"],
+        })
         methods[f"pipefusion2_M{m}"] = {
             "step_s_min": ranks[0]["step_s_min"], "step_s_median": ranks[0]["step_s_median"],
             "latent_rel_err": err, "axis": ranks[0]["axis"], "patch_sizes": ranks[0]["patch_sizes"],
@@ -338,6 +407,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "steps": run.steps,
         "methods": methods,
         "formula_check": check,
+        "across_steps": across,
         "projection": project(),
     }
     text = markdown(report)

@@ -13,12 +13,14 @@ THIS IS A PROJECTION, not a measurement. Per call of the model on one rank of an
   compute(1) / N with compute(1) = a measured diffusers eager call of Wan2.1-1.3B on one
   H100 (633 ms, bf16; ``ANCHOR_STEP_S``).
 * ``bytes``: exact, read off the rewritten per-rank graph (``vdopt.collectives``: the bytes
-  each collective node sends from this rank per call), built for each mesh on a fake process
-  group with the model on the meta device (nothing is allocated or run).
-* the link model (stated below): bandwidth per GPU and latency per collective; ring
-  attention's point-to-point steps pay the latency once per hop. No overlap of
-  communication with compute is assumed (ring attention does overlap: its rows are
-  pessimistic).
+  each collective node sends from this rank per call), built for each mesh by the planner
+  (``vdopt.planning.rank_graphs``: no process group, the model on the meta device, nothing
+  allocated or run).
+* the link model: the planner's link rows (``vdopt/planning/hardware.json``, each figure
+  with its source) and its ``comm_seconds``: latency per collective plus bytes over
+  bandwidth; ring attention's point-to-point steps pay the latency once per hop. No overlap
+  of communication with compute is assumed here (ring attention does overlap, and
+  ``vdopt.plan`` models that: these rows are pessimistic for ring).
 
 The check: on the CPU, the same formula for ulysses=2 at the mid-size config, with the
 per-rank compute measured on a fake group (one thread) and the link measured with gloo
@@ -38,9 +40,7 @@ import dataclasses
 import logging
 import os
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -54,21 +54,16 @@ from e2e_workload import MID_WAN, BenchConfig  # noqa: E402
 
 log = logging.getLogger("vdopt.benchmarks.scaling")
 
-LINKS: dict[str, dict[str, Any]] = {
-    "NVLink 4 (H100 SXM, NVSwitch)": {
-        "bandwidth_GBps": 350.0, "latency_us": 15.0,
-        "basis": "450 GB/s per GPU per direction nominal; ~350 GB/s is what NCCL all-to-all reaches on 8x H100",
-    },
-    "PCIe Gen5 x16": {
-        "bandwidth_GBps": 25.0, "latency_us": 25.0,
-        "basis": "64 GB/s nominal per direction; peer traffic through host bridges / switches: ~25 GB/s all-to-all",
-    },
-    "InfiniBand NDR (400 Gb/s per GPU)": {
-        "bandwidth_GBps": 40.0, "latency_us": 40.0,
-        "basis": "50 GB/s line rate per NIC, ~40 GB/s achieved; every byte assumed to cross the network",
-    },
-}
-"""The stated link models (bandwidth per GPU per direction, latency per collective)."""
+LINK_ROWS = {"NVLink 4 (H100 SXM, NVSwitch)": "nvlink", "PCIe Gen5 x16": "pcie5",
+             "InfiniBand NDR (400 Gb/s per GPU)": "infiniband"}
+"""The links projected: label -> the planner's link row."""
+
+
+def links() -> dict[str, Any]:
+    """label -> ``vdopt.planning.LinkSpec`` (bandwidth per GPU, latency per collective, sources)."""
+    from vdopt.planning import get_link
+
+    return {label: get_link(row) for label, row in LINK_ROWS.items()}
 
 ANCHOR_STEP_S = 0.633
 """Measured reference: diffusers eager Wan2.1-1.3B, 81x480x832, bf16, one H100, seconds per call."""
@@ -87,10 +82,28 @@ def mesh_name(degrees: dict[str, int]) -> str:
 
 # -- bytes from the graph --------------------------------------------------------------------
 
+def graph_comms(meshes, model_spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """For each mesh, the collectives of rank 0's rewritten graph, built by the planner
+    (model on the meta device, no process group)."""
+    from vdopt.capture import bind_call
+    from vdopt.collectives import communication
+    from vdopt.mesh import AXES
+    from vdopt.planning.rank_graphs import capture_model, rank_graphs
+
+    model, kwargs = _model_and_call(model_spec, meta=True)
+    captured = capture_model(model, bind_call(model, (), kwargs))
+    out = {}
+    for degrees in meshes:
+        graphs = rank_graphs(captured, {a: degrees.get(a, 1) for a in AXES})
+        out[mesh_name(degrees)] = {"comms": [{"kind": c.kind, "bytes": c.bytes, "axis": c.axis}
+                                             for c in communication(graphs.main)]}
+    return out
+
+
 def _per_rank_child(queue, meshes, model_spec: dict[str, Any], calls: int) -> None:
-    """For each mesh, rank 0's graph on a fake process group: its collectives, and with
-    ``calls`` > 0 the median seconds of one call run on this one device (collectives of a
-    fake group move nothing, so that is the rank's compute alone)."""
+    """For each mesh, rank 0's graph on a fake process group, run: the median seconds of one
+    call on this one device (collectives of a fake group move nothing, so that is the rank's
+    compute alone), and its collectives."""
     import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
@@ -149,13 +162,14 @@ def per_rank_graphs(meshes, model_spec: dict[str, Any], calls: int = 0) -> dict[
     return payload
 
 
-def comm_seconds(comms: list[dict[str, Any]], degrees: dict[str, int], bandwidth: float, latency: float) -> float:
-    """Communication time per call under a link model (bandwidth in bytes/s, latency in s)."""
-    total = 0.0
-    for c in comms:
-        hops = degrees.get("ring", 1) - 1 if c["kind"] == "p2p" else 1
-        total += latency * max(hops, 1) + c["bytes"] / bandwidth
-    return total
+def comm_seconds(comms: list[dict[str, Any]], degrees: dict[str, int], link) -> float:
+    """Communication time per call over ``link`` (a ``LinkSpec``), no overlap: the planner's
+    per-collective formula summed."""
+    from vdopt.collectives import CommRecord
+    from vdopt.planning.cost_model import comm_seconds as one
+
+    return sum(one(CommRecord(kind=c["kind"], bytes=c["bytes"], purpose="", axis=c["axis"]), link, degrees)
+               for c in comms)
 
 
 def project(compute_1: float, graphs: dict[str, dict[str, Any]], meshes) -> list[dict[str, Any]]:
@@ -175,8 +189,8 @@ def project(compute_1: float, graphs: dict[str, dict[str, Any]], meshes) -> list
             "collectives_per_call": len(comms),
             "by_link": {},
         }
-        for link, spec in LINKS.items():
-            comm = comm_seconds(comms, degrees, spec["bandwidth_GBps"] * 1e9, spec["latency_us"] * 1e-6)
+        for link, spec in links().items():
+            comm = comm_seconds(comms, degrees, spec)
             step = compute + comm
             row["by_link"][link] = {"comm_s": comm, "step_s": step, "speedup": compute_1 / step,
                                     "efficiency": compute_1 / step / ranks}
@@ -209,20 +223,10 @@ def _gloo_rank(rank: int, world: int, port: int, cfg, calls: int, queue) -> None
         step = _timed(opt, kwargs, calls, dist.barrier)
         gm = opt.plans[0].program.gm
         comms = [{"kind": c.kind, "bytes": c.bytes, "axis": c.axis} for c in communication(getattr(gm, "gm", gm))]
-        # The link: latency from 1 KiB all-to-alls, bandwidth from 16 MiB ones.
-        link = {}
-        for label, sent in (("small", 1024), ("large", 16 << 20)):
-            numel = max(world, (sent * world // (world - 1)) // 4 // world * world)
-            x = torch.randn(numel)
-            out = torch.empty_like(x)
-            dist.all_to_all_single(out, x)
-            times = []
-            for _ in range(30):  # median: other processes share these cores
-                dist.barrier()
-                start = time.perf_counter()
-                dist.all_to_all_single(out, x)
-                times.append(time.perf_counter() - start)
-            link[label] = {"bytes_sent": numel * 4 * (world - 1) // world, "seconds": statistics.median(times)}
+        # The link as `vdopt calibrate` measures it: 1 KiB and 16 MiB all-to-alls.
+        from vdopt.planning.calibrate import all_to_all_samples
+
+        link = all_to_all_samples(torch.device("cpu"))
         if rank == 0:
             queue.put(("ok", {"step_s": step, "comms": comms, "link": link}))
         dist.barrier()
@@ -259,10 +263,11 @@ def gloo_check(cfg, calls: int) -> dict[str, Any]:
         p.join(timeout=60)
     if status != "ok":
         raise RuntimeError(payload)
-    small, big = payload["link"]["small"], payload["link"]["large"]
-    bandwidth = (big["bytes_sent"] - small["bytes_sent"]) / max(big["seconds"] - small["seconds"], 1e-9)
-    latency = max(small["seconds"] - small["bytes_sent"] / bandwidth, 0.0)
-    comm = comm_seconds(payload["comms"], {"ulysses": 2}, bandwidth, latency)
+    from vdopt.planning.calibrate import link_from_samples
+
+    gloo = link_from_samples(payload["link"], name="gloo, 2 local processes", how="scaling benchmark")
+    bandwidth, latency = gloo.bandwidth_gbps * 1e9, gloo.latency_us * 1e-6
+    comm = comm_seconds(payload["comms"], {"ulysses": 2}, gloo)
     return {
         "config": f"Wan mid-size {MID_WAN | {'num_layers': cfg.layers}}, video {cfg.frames}x{cfg.height}x{cfg.width}, float32",
         "mesh": "ulysses2 (2 gloo processes, 1 thread each, same CPU)",
@@ -280,7 +285,7 @@ def gloo_check(cfg, calls: int) -> dict[str, Any]:
 # -- output ----------------------------------------------------------------------------------
 
 def markdown(report: dict[str, Any]) -> str:
-    links = list(LINKS)
+    links = list(LINK_ROWS)
     lines = [
         f"# Scaling projection: {report['model']}",
         "",
@@ -298,8 +303,8 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {row['mesh']} | {row['ranks']} | {row['bytes_per_call'] / 2**30:.2f} | "
                      f"{row['collectives_per_call']} | " + " | ".join(cells) + " |")
     lines += ["", "Link models:"]
-    lines += [f"- {name}: {s['bandwidth_GBps']:.0f} GB/s, {s['latency_us']:.0f} us per collective ({s['basis']})"
-              for name, s in LINKS.items()]
+    lines += [f"- {name}: {s['bandwidth_gbps']:.0f} GB/s, {s['latency_us']:.0f} us per collective "
+              f"({s['sources']['bandwidth_gbps']})" for name, s in report["links"].items()]
     check = report.get("gloo_check")
     if check:
         lines += [
@@ -328,7 +333,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     plt = harness.pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for link in LINKS:
+    for link in LINK_ROWS:
         for kind, style in (("ulysses", "-o"), ("ring", "--s")):
             rows = [r for r in report["projection"] if r["mesh"] in {f"{kind}{n}" for n in (2, 4, 8)}]
             if rows:
@@ -371,7 +376,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     spec = {"kind": "full", "shape": shape, "device": "cuda" if cuda else "cpu", "dtype": "bfloat16", "compile": None}
     log.info("rank 0's rewritten graph of %d meshes on a fake process group (%s)", len(meshes),
              "timed on this GPU" if cuda else "meta device: bytes only")
-    graphs = per_rank_graphs(meshes, spec, calls=5 if cuda else 0)
+    graphs = per_rank_graphs(meshes, spec, calls=5) if cuda else graph_comms(meshes, spec)
     if cuda:
         compute_1 = per_rank_graphs([{}], spec, calls=5)[""]["compute_s"]
         source = f"measured here: vdopt compiled, bf16, {torch.cuda.get_device_name()}; per-rank compute measured per mesh"
@@ -385,7 +390,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "model": f"Wan2.1-1.3B, {args.frames}x{args.height}x{args.width}, batch 1",
         "compute_1_s": compute_1,
         "compute_1_source": source,
-        "links": LINKS,
+        "links": {label: dataclasses.asdict(link) for label, link in links().items()},
         "graphs": graphs,
         "projection": project(compute_1, graphs, meshes),
     }

@@ -137,9 +137,10 @@ OPENSORA_PLAN_CONFIGS: dict[str, OpenSoraPlanConfig] = {
         caption_channels=32,
         model_max_length=10,
         frequency_embedding_size=64,
-        # Two dense blocks (Skiparse starts at block 2). The parallel passes do not shard
-        # Skiparse sites yet (they gather around them), so the zoo's tiny model stays dense
-        # and tests/test_skiparse.py builds the sparse variant, TINY_SKIPARSE below.
+        # Two dense blocks (Skiparse starts at block 2): the zoo's tiny model is dense, and the
+        # Skiparse tests (tests/test_skiparse.py, tests/test_training.py) build the sparse
+        # variant, TINY_SKIPARSE below, which sequence parallelism keeps split through its
+        # regroups (vdopt.passes.parallel.skiparse).
         num_layers=2,
         sparse1d=False,
     ),

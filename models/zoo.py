@@ -262,12 +262,20 @@ def _cast_floating(model: nn.Module, dtype: torch.dtype) -> None:
     and diffusers warns about exactly that.
     """
     keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
-    for full_name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        if not tensor.is_floating_point():
-            continue
-        target = torch.float32 if any(k in full_name.split(".") for k in keep) else dtype
-        if tensor.dtype != target:
-            tensor.data = tensor.data.to(target)
+    for module_name, module in model.named_modules():
+        # Replace the tensors rather than assign ``.data``: a buffer that is a view (diffusers'
+        # positional tables are ``unsqueeze`` views) would keep its float32 base, which
+        # torch.export refuses ("torch.float32 != torch.bfloat16").
+        for table in (module._parameters, module._buffers):
+            for name, tensor in table.items():
+                if tensor is None or not tensor.is_floating_point():
+                    continue
+                full_name = f"{module_name}.{name}" if module_name else name
+                target = torch.float32 if any(k in full_name.split(".") for k in keep) else dtype
+                if tensor.dtype == target:
+                    continue
+                cast = tensor.detach().to(target).clone()
+                table[name] = nn.Parameter(cast, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else cast
 
 
 def num_tokens(name: str, frames: int, height: int, width: int) -> int:

@@ -43,6 +43,10 @@ class PipelineOptions:
     """``auto`` (CUDA, where measured faster), ``triton`` (every supported site) or ``sdpa``."""
     compile: bool | None = None
     """Run the graphs through Inductor: ``None`` on CUDA only (``vdopt.compile.should_compile``)."""
+    training: bool = False
+    """Differentiable graphs (``vdopt.runtime.training``): exact passes only, attention left to SDPA."""
+    checkpoint_blocks: bool = False
+    """With ``training``: recompute each transformer block's activations in the backward pass."""
 
 
 def build_pipeline(options: PipelineOptions) -> list[GraphPass]:
@@ -58,6 +62,10 @@ def build_pipeline(options: PipelineOptions) -> list[GraphPass]:
             + ", ".join(f"{a}={d}" for a, d in unsupported.items())
             + f"; supported axes: {sorted(SUPPORTED_AXES) or 'none (one device only)'}"
         )
+    if options.training:
+        check_training(options)
+    elif options.checkpoint_blocks:
+        raise ValueError("checkpoint_blocks=True needs training=True (it recomputes activations in backward)")
     # DropNoOps right after: every later pass sees neither export's asserts nor identity casts
     passes: list[GraphPass] = [FoldViews(), DropNoOps()]
     if options.mesh.pipefusion > 1:
@@ -69,12 +77,30 @@ def build_pipeline(options: PipelineOptions) -> list[GraphPass]:
         passes.append(CFGParallel())
     if options.mesh.sequence_degree > 1:
         passes.append(SequenceParallel())
+    if options.training:
+        return passes  # SDPA has a backward; vdopt's attention kernels have none
     # Last: other passes match SDPA nodes. It acts on ctx.kernels (auto: CUDA only, and only
     # where the kernel is measured faster; "triton" lowers every supported site).
     passes.append(SdpaToTriton(choose=MeasuredChoice() if options.kernels == "auto" else None))
     # Needs the lowered op: only vdopt's kernels read the 5-D views it leaves.
     passes.append(TemporalLayout())
     return passes
+
+
+def check_training(options: PipelineOptions) -> None:
+    """Refuse what has no backward or is not exact: training must give single-device gradients."""
+    refused = []
+    if options.pab is not None:
+        refused.append("pab (it reuses attention outputs across denoising steps; a training step has none)")
+    if options.pipefusion is not None or options.mesh.pipefusion > 1:
+        refused.append("pipefusion (stale K/V across patches is approximate and has no backward)")
+    if options.kernels == "triton":
+        refused.append("kernels='triton' (vdopt's attention kernels have no backward)")
+    if refused:
+        raise ValueError(
+            "training=True cannot be combined with " + "; ".join(refused)
+            + ". Use sequence parallelism (ulysses, ring, dsp) and/or cfg with kernels='auto' or 'sdpa'."
+        )
 
 
 def feature_passes(options: PipelineOptions) -> list[str]:

@@ -130,3 +130,49 @@ def test_block_tags_name_the_transformer_block_not_a_nested_list_entry():
     tags = {n.meta.get(meta.BLOCK) for n in gm.graph.nodes if "to_out" in str(n.meta.get("nn_module_stack", ""))}
     L = layers(model)
     assert tags == {f"transformer_blocks.{i}" for i in range(L)} | {f"temporal_transformer_blocks.{i}" for i in range(L)}
+
+
+class PackedTokens(torch.nn.Module):
+    """Pre-patchified tokens (B, L, C), a linear patch embedding, text joined in front of the
+    video tokens in self-attention, and no convolution anywhere."""
+
+    def __init__(self, dim=16, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.embed = torch.nn.Linear(12, dim)
+        self.text = torch.nn.Linear(8, dim)
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.out = torch.nn.Linear(dim, 12)
+
+    def forward(self, tokens, context):
+        x, t = self.embed(tokens), self.text(context)
+        joint = torch.cat([t, x], dim=1)
+        q, k, v = (u.unflatten(-1, (self.heads, -1)).transpose(1, 2) for u in self.qkv(joint).chunk(3, -1))
+        y = joint + F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+        return self.out(y[:, t.shape[1]:])
+
+
+def _origin(model, args, kwargs):
+    from vdopt.capture import bind_call, capture
+    from vdopt.passes.analysis.attention import SDPA, analyze, depends_on_latent
+    from vdopt.passes.analysis.tokens import find_token_origin
+
+    gm = capture(model, bind_call(model, args, kwargs))
+    analyze(gm)
+    sdpas = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is SDPA]
+    return find_token_origin(sdpas, depends_on_latent(gm.graph))
+
+
+def test_token_dim_of_pre_patchified_tokens_is_found_from_the_qkv_shape_flow():
+    """No convolution: the tokens are created by the input itself (dim 1 of the placeholder);
+    the text rows joined in front do not count."""
+    origin = _origin(PackedTokens().eval(), (torch.randn(1, 15, 12), torch.randn(1, 7, 8)), {})
+    assert origin.node.op == "placeholder" and origin.node.name == "tokens"
+    assert (origin.dim, origin.size, origin.grid) == (1, 15, ())
+
+
+def test_token_dim_of_a_conv_patch_embedding_is_its_flatten_with_the_grid():
+    model, args, kwargs = build("wan", "tiny", frames=5, height=48, width=80)
+    origin = _origin(model, args, kwargs)
+    T, H, W = 2, 3, 5  # Wan VAE: 4x temporal (1 + 4k frames), 8x spatial, (1, 2, 2) patches
+    assert origin.size == T * H * W and origin.grid == (T, H, W)

@@ -84,3 +84,26 @@ def test_bench_out_names_the_results_directory(tmp_path):
     (json_path,) = out.glob("e2e_*.json")
     report = json.loads(json_path.read_text())
     assert list(report["methods"]) == ["diffusers_eager"] and report["methods"]["diffusers_eager"]["seconds"] > 0
+
+
+def test_bench_model_family_and_the_uncompiled_executable(tmp_path):
+    """``--model`` picks the family; ``vdopt_eager`` (no compilation) runs beside diffusers
+    eager, with the speed-up over what it replaces and the same latent."""
+    out = tmp_path / "families"
+    argv = ["bench", "--quick", "--threads", "1", "--model", "cogvideox", "--methods", "diffusers_eager,vdopt_eager",
+            "--out", str(out)]
+    assert main(argv) == 0
+    (json_path,) = out.glob("e2e_*.json")
+    report = json.loads(json_path.read_text())
+    cfg = report["config"]
+    assert cfg["model"] == "cogvideox" and cfg["clock"] == "cpu"  # one thread on the CPU: the workers' CPU time
+    assert json_path.stem == f"e2e_cogvideox-mid{cfg['layers']}_{cfg['frames']}x{cfg['height']}x{cfg['width']}_cpu"
+    assert report["model"].startswith("CogVideoX-2B")
+    latent_frames = (cfg["frames"] - 1) // 4 + 1
+    assert report["tokens_per_call"] == latent_frames * (cfg["height"] // 16) * (cfg["width"] // 16)
+    r = report["methods"]["vdopt_eager"]
+    assert r["speedup_vs_diffusers_eager"] == report["methods"]["diffusers_eager"]["seconds"] / r["seconds"]
+    assert r["final_latent_rel_err_vs_eager"] <= 1e-6  # the same ATen ops, uncompiled
+    assert len(r["wall_seconds_all"]) == cfg["repeats"] and r["clock"] == "CPU time of the process"
+    md = json_path.with_suffix(".md").read_text()
+    assert f"x diffusers_eager |" in md and "| vdopt_eager |" in md

@@ -15,8 +15,9 @@ def readme_commands() -> list[str]:
     return [line.strip() for block in blocks for line in block.splitlines() if line.strip()]
 
 
-def vdopt_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vdopt.cli", *args], capture_output=True, text=True, timeout=600)
+def vdopt_cli(*args: str, cwd: pathlib.Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vdopt.cli", *args], capture_output=True, text=True, timeout=600,
+                          cwd=cwd)
 
 
 def test_readme_has_the_two_setup_commands_and_ci_runs_the_test_one():
@@ -29,10 +30,26 @@ def test_readme_has_the_two_setup_commands_and_ci_runs_the_test_one():
     assert tests[0] in ci.splitlines()
 
 
-def test_demo_runs_and_matches_eager():
+def test_demo_goes_from_text_to_a_video_that_matches_the_unoptimized_pipeline(tmp_path):
     # The README's demo command is `pip install -e . && vdopt demo`; the install is this
-    # environment's, so run the second half exactly as a user would.
-    result = vdopt_cli("demo")
+    # environment's, so run the second half exactly as a user would (in an empty directory:
+    # it writes the video there). 4 gloo ranks: cfg=2 pairs Wan's cond/uncond calls, ulysses=2.
+    import imageio
+
+    result = vdopt_cli("demo", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "result: matches the unoptimized pipeline" in result.stdout
+    assert "mesh: cfg=2, ulysses=2, 4 rank(s) over gloo" in result.stdout
+    assert "transformer: optimized (CFGPairing of WanTransformer3DModel" in result.stdout
+    paired = re.search(r"CFG pairing: (\d+) step\(s\) ran cond and uncond at once", result.stdout)
+    assert paired and int(paired.group(1)) == 6, result.stdout  # 4 steps, first observed; 2 generations
+    reader = imageio.get_reader(tmp_path / "vdopt-demo.mp4", "ffmpeg")
+    frames = [frame for frame in reader]
+    assert len(frames) == 9 and frames[0].shape == (32, 32, 3)
+
+
+def test_demo_with_a_zoo_model_matches_eager():
+    result = vdopt_cli("demo", "--model", "latte", "--cfg", "2", "--ulysses", "1", "--steps", "2")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "result: matches eager" in result.stdout
 

@@ -13,12 +13,13 @@ The layers, bottom to top (a module may import its own layer and those below):
   kernels    vdopt.kernels: Triton kernels, launchers, references
   ops        vdopt.ops, vdopt.attention, vdopt.meta, vdopt.config, vdopt.mesh,
              vdopt.collectives, vdopt.ring_attention
-  graph      vdopt.passes.graph_utils, vdopt.passes.dims, vdopt.capture, vdopt.compile
+  graph      vdopt.passes.graph_utils, vdopt.passes.dims, vdopt.capture, vdopt.guards, vdopt.compile
   analysis   vdopt.passes.analysis
   passes     the rest of vdopt.passes
-  runtime    vdopt.runtime, vdopt.report
+  runtime    vdopt.runtime (the executable and its report)
   artifacts  vdopt.artifacts
-  api        vdopt (the package itself), vdopt.api, vdopt.cli, vdopt.__main__
+  planning   vdopt.planning: the automatic parallel planner (uses runtime and passes)
+  api        vdopt (the package itself), vdopt.api, vdopt.cli, vdopt.__main__, vdopt.pipelines, vdopt.vae
 
 ``vdopt.models`` sits beside them, above ops: it may import base, kernels and ops, and only
 the api layer may import it.
@@ -37,12 +38,13 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("kernels", ("vdopt.kernels",)),
     ("ops", ("vdopt.ops", "vdopt.attention", "vdopt.meta", "vdopt.config", "vdopt.mesh", "vdopt.collectives",
              "vdopt.ring_attention")),
-    ("graph", ("vdopt.passes.graph_utils", "vdopt.passes.dims", "vdopt.capture", "vdopt.compile")),
+    ("graph", ("vdopt.passes.graph_utils", "vdopt.passes.dims", "vdopt.capture", "vdopt.guards", "vdopt.compile")),
     ("analysis", ("vdopt.passes.analysis",)),
     ("passes", ("vdopt.passes",)),
-    ("runtime", ("vdopt.runtime", "vdopt.report")),
+    ("runtime", ("vdopt.runtime",)),
     ("artifacts", ("vdopt.artifacts",)),
-    ("api", ("vdopt.api", "vdopt.cli", "vdopt.__main__")),
+    ("planning", ("vdopt.planning",)),
+    ("api", ("vdopt.api", "vdopt.cli", "vdopt.__main__", "vdopt.pipelines", "vdopt.vae")),
 )
 TOP = "vdopt"
 """The package itself (``vdopt/__init__.py``): api layer, matched exactly (not as a prefix)."""
@@ -232,8 +234,8 @@ def test_the_checker_sees_lazy_and_type_checking_imports():
     targets = {m: {t for t, _ in found} for m, found in edges.items()}
     # a function-level import is collected
     assert "vdopt.ops" in targets["vdopt.passes.pipefusion.stage_split"]
-    # TYPE_CHECKING-only imports are not (vdopt.report annotates with the runtime's Plan)
-    assert "vdopt.runtime.plan" not in targets["vdopt.report"]
+    # TYPE_CHECKING-only imports are not (vdopt.runtime.report annotates with the runtime's Plan)
+    assert "vdopt.runtime.plan" not in targets["vdopt.runtime.report"]
     # ``from vdopt import meta`` is an import of the module vdopt.meta, not of the package
     assert "vdopt.meta" in targets["vdopt.collectives"] and "vdopt" not in targets["vdopt.collectives"]
     # the lazy re-export is exempt, the package imports nothing above the kernels

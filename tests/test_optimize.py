@@ -157,7 +157,7 @@ def test_pipeline_facing_attributes_are_forwarded():
 
 class DataDependent(torch.nn.Module):
     def forward(self, x):
-        if x.sum() > 0:  # a branch on a tensor value: torch.export cannot trace it
+        if x.detach().numpy().sum() > 0:  # values read through numpy: no trace can follow them
             return x * 2
         return x
 
@@ -174,7 +174,7 @@ class Wrapper(torch.nn.Module):
 
 def test_unexportable_model_error_names_the_module():
     opt = vdopt.optimize(Wrapper())
-    with pytest.raises(vdopt.CaptureError, match=r"gate \(DataDependent, forward\).*\n.*data-dependent"):
+    with pytest.raises(vdopt.CaptureError, match=r"gate \(DataDependent, forward\).*\n.*outside torch"):
         opt(torch.randn(2, 4))
 
 

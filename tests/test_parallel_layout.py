@@ -39,7 +39,12 @@ def test_reshape_carries_split_factor_across_spatial_temporal_layouts():
 def test_reshape_that_cuts_a_split_factor_needs_a_gather():
     s = Split.balanced(24, (ULY,))
     lay = ShardedShape((Dim(), Dim((Factor("S", 24, s),)), Dim.plain(32)))
-    assert map_reshape(lay, (1, 4, 6, 32)) is None  # unpatchify: S -> (H, W)
+    assert map_reshape(lay, (1, 3, 8, 32)) is None  # S -> (3, 8): a chunk of 12 cuts a row of 8
+    # a cut where every chunk holds whole inner rows keeps the split on the outer part
+    # (unpatchify S -> (H, W) with 12 = 2 rows of 6 per rank; a Skiparse regroup)
+    rows = map_reshape(lay, (1, 4, 6, 32))
+    assert rows.local_shape == (1, 2, 6, 32) and rows.dims[1].factors[0].split.sizes == (2, 2)
+    assert map_reshape(rows, (1, 24, 32)).placement() == lay.placement()  # and merges back
     # an unsplit factor may be cut: C -> (heads, head_dim)
     heads = map_reshape(lay, (1, 24, 2, 16))
     assert heads.local_shape == (1, 12, 2, 16)

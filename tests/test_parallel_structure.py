@@ -62,6 +62,20 @@ def _structure_checks() -> dict:
         vdopt.optimize(model, vdopt.Mesh(cfg=2), example_inputs=(args, kwargs))
 
     attempt("wan-cfg2-batch1", cfg_with_batch_one)
+
+    def packed_latents(degrees):
+        """Flux: packed latents, linear patch embedding, no token grid to read off a conv."""
+        import model_matrix
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+        model = model_matrix.build_model("FluxTransformer2DModel")
+        args, kwargs = model_matrix.make_inputs("FluxTransformer2DModel", model, 1, torch.Generator().manual_seed(0))
+        vdopt.optimize(model, vdopt.Mesh(**degrees), example_inputs=(args, kwargs))
+
+    attempt("flux-dsp2", lambda: packed_latents({"dsp": 2}))
+    attempt("flux-pipefusion2", lambda: packed_latents({"pipefusion": 2}))
     return out
 
 
@@ -116,6 +130,8 @@ def test_usp_on_eight_ranks_runs_ulysses_then_ring_at_each_full_attention(checks
         ("wan-dsp2", r"ValueError: .*Mesh\(.*dsp=2\): DSP needs a spatial-temporal model"),
         ("wan-cfg2-batch1", r"ValueError: .*Mesh\(cfg=2.*this call has batch 1.*use cfg=1"),
         ("wan-ring2-one-token", r"ValueError: .*1 tokens cannot be split over 2 ranks"),
+        ("flux-dsp2", r"ValueError: .*dsp=2\): DSP .* needs the frame/height/width grid .*use ulysses and/or ring"),
+        ("flux-pipefusion2", r"ValueError: .*PipeFusion .* needs the token grid.*use ulysses and/or ring"),
     ],
 )
 def test_degrees_the_model_cannot_take_are_value_errors(checks, key, message):

@@ -332,6 +332,24 @@ def _check_model(name: str, degrees: dict, patches: int, build_kwargs: dict, see
     result["step_errs"] = step_errs
     result["loop_counts"] = dict(opt.plans[0].program.counts)
     result["latent"] = x
+
+    # the same loop owned by vdopt: the pipeline full across steps (with only the pipefusion
+    # axis; otherwise step by step), the same stale K/V, so the same latent
+    rest = {k: v for k, v in inputs.items() if k not in ("hidden_states", "timestep")}
+    timesteps = [timestep_at(inputs, i) for i in range(10)]
+    result["denoised"] = opt.denoise(inputs["hidden_states"], timesteps, lambda s, x, out: euler(x, first_output(out)), **rest)
+    result["loops"] = dict(opt.plans[0].program.loops)
+    result["degrees"] = degrees
+    if name == "wan" and degrees == {"pipefusion": 2}:
+        # an update that mixes latent positions across patches cannot run across steps
+        def mixing(s, x, out):
+            return euler(x, first_output(out)).roll(1, dims=3)
+
+        x = inputs["hidden_states"]
+        for t in timesteps:
+            x = mixing(0, x, opt(**{**inputs, "hidden_states": x, "timestep": t}))
+        result["mixing"] = (opt.denoise(inputs["hidden_states"], timesteps, mixing, **rest), x,
+                            dict(opt.plans[0].program.loops))
     return result
 
 
@@ -378,6 +396,16 @@ def _check_results(name: str, results: list[dict]) -> None:
         assert r["step_errs"][0] <= 1e-5 and max(r["step_errs"][1:]) <= STALE_STEP_BOUND, (where, r["step_errs"])
         # every rank returns the full output
         torch.testing.assert_close(r["latent"], results[0]["latent"], rtol=0, atol=0, msg=where)
+        # opt.denoise: the step-by-step loop's latent, the pipeline full across steps where
+        # pipefusion is the only axis
+        torch.testing.assert_close(r["denoised"], r["latent"], rtol=1e-6, atol=1e-7, msg=where)
+        only_pipefusion = set(r["degrees"]) == {"pipefusion"}
+        assert r["loops"] == ({"across_steps": 1, "step_by_step": 0} if only_pipefusion
+                              else {"across_steps": 0, "step_by_step": 1}), (where, r["loops"])
+        if "mixing" in r:
+            denoised, reference, loops = r["mixing"]
+            assert loops == {"across_steps": 1, "step_by_step": 1}, (where, loops)
+            torch.testing.assert_close(denoised, reference, rtol=1e-6, atol=1e-7, msg=where)
     report = results[0]["report"]
     assert "stage_split" in report and "pipefusion stages: 0: " in report, name
     # the stage cut and the patch graphs are pass runs, with their counts in the report

@@ -1,9 +1,15 @@
-"""Compiled execution: run a rewritten graph through Inductor (``torch.compile``).
+"""Running a rewritten graph: eagerly with no per-call overhead, or through Inductor.
 
 ``compile_graph(gm, device)`` returns a callable with the graph's own call convention. The
 default (``enabled=None``) compiles on CUDA only: on the CPU, Inductor's C++ kernels take
 longer to build than the few steps of a test run save. ``vdopt.optimize(..., compile=False)``
 opts out everywhere, ``compile=True`` opts in on the CPU too.
+
+Uncompiled, a graph runs as an ``EagerGraph``: the same ATen ops as the model's own eager
+forward, without what a ``GraphModule`` call adds on top of them (each parameter fetched
+through ``nn.Module.__getattr__`` of every module on its path, the export module's input
+check hooks and the pytree flattening its codegen does). On a small model those were about
+a fifth of the call.
 
 Compilation happens on the first call of each graph (the inputs of that call are the example
 inputs) and is reused by every later call; its time is measured, shown with a progress bar
@@ -13,10 +19,14 @@ and reported by ``compile_summary``.
 from __future__ import annotations
 
 import logging
+import operator
 import time
 from typing import Any, Callable, Iterable
 
 import torch
+import torch.fx
+import torch.fx._pytree as fx_pytree
+from torch.utils import _pytree as pytree
 
 from vdopt.progress import progress
 
@@ -30,6 +40,112 @@ def should_compile(enabled: bool | None, device: torch.device | str) -> bool:
     if not isinstance(enabled, bool):
         raise ValueError(f"compile={enabled!r}: use True, False or None (None = compile on CUDA only)")
     return enabled
+
+
+class EagerGraph:
+    """``gm`` run eagerly as a plain function of its inputs and its constants, bound once.
+
+    The call convention is the graph's (like ``CompiledGraph``). Every ``get_attr`` becomes
+    a trailing input whose value (the parameter, buffer or constant ``gm`` holds) is looked
+    up once here, so a call runs only the graph's ops. The graph is read once: a graph
+    changed after this is built is not seen (programs never change theirs).
+    """
+
+    def __init__(self, gm: torch.fx.GraphModule) -> None:
+        self.gm = gm
+        """The graph (what ``opt.save`` exports)."""
+        graph = torch.fx.Graph()
+        value_map: dict[torch.fx.Node, torch.fx.Node] = {}
+        output = graph.graph_copy(gm.graph, value_map)
+        graph.output(output)
+        for node in list(graph.find_nodes(op="call_module", target=GUARDS_FN)):
+            if not node.users:
+                graph.erase_node(node)
+        constants: list[Any] = []
+        inputs = list(graph.find_nodes(op="placeholder"))
+
+        def bind(value: Any, name: str) -> torch.fx.Node:
+            """A new trailing input of the graph, ``value`` on every call."""
+            if inputs:
+                where = graph.inserting_after(inputs[-1])
+            else:
+                where = graph.inserting_before(next(iter(graph.nodes)))
+            with where:
+                inputs.append(graph.placeholder(f"_{name}_{len(constants)}"))
+            constants.append(value)
+            return inputs[-1]
+
+        for node in [n for n in graph.nodes if n.op in ("get_attr", "call_module")]:
+            value = bind(operator.attrgetter(node.target)(gm), "const")
+            value.meta = dict(node.meta)
+            if node.op == "call_module":
+                with graph.inserting_before(node):
+                    value = graph.call_function(_call_module, (value, *node.args), node.kwargs)
+                value.meta = node.meta
+            node.replace_all_uses_with(value)
+            graph.erase_node(node)
+        # Each ATen op is called through its C++ entry point (``OpOverload._op``, bound once
+        # like the parameters) rather than ``OpOverload.__call__``, a Python frame that only
+        # forwards to it: about a microsecond per op, a tenth of a small model's call.
+        ops: dict[torch._ops.OpOverload, torch.fx.Node] = {}
+        for node in [n for n in graph.nodes if n.op == "call_function"]:
+            if type(node.target) is torch._ops.OpOverload:
+                if node.target not in ops:
+                    ops[node.target] = bind(node.target._op, "op")
+                node.args = (ops[node.target], *node.args)
+                node.target = operator.call
+        self._constants = tuple(constants)
+        flat = torch.fx.GraphModule(torch.nn.Module(), graph, class_name="EagerGraph")
+        # the generated function itself: no nn.Module __call__ (hooks) around it
+        self._forward = flat.forward
+        info = getattr(gm.graph._codegen, "pytree_info", None)
+        self._in_spec = info.in_spec if info is not None else None
+        self._out_spec = info.out_spec if info is not None else None
+        self._keys = kwargs_leaf_names(self._in_spec)
+        self._flat_output = is_flat_tuple(self._out_spec)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self._in_spec is None:
+            if kwargs:  # a flat graph called by argument names: GraphModule's own binding
+                return self.gm(*args, **kwargs)
+            return self._forward(*args, *self._constants)
+        if self._keys is not None and not args:
+            leaves = [kwargs[k] for k in self._keys]
+        else:
+            leaves = fx_pytree.tree_flatten_spec((list(args), kwargs), self._in_spec)
+        out = self._forward(*leaves, *self._constants)
+        if self._flat_output:
+            return tuple(out)
+        return pytree.tree_unflatten(list(out), self._out_spec)
+
+    def __repr__(self) -> str:
+        return f"EagerGraph({len(self.gm.graph.nodes)} nodes, {len(self._constants)} constants)"
+
+
+GUARDS_FN = "_guards_fn"
+"""The submodule ``ExportedProgram.module()`` calls first to check the input shapes against
+those it was exported for. ``EagerGraph`` leaves the call out: every graph of a plan runs
+only on calls of the input signature it was captured for (``Executable`` keys plans by
+shapes, dtypes and non-tensor values)."""
+
+
+def _call_module(module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+    return module(*args, **kwargs)
+
+
+def kwargs_leaf_names(spec: pytree.TreeSpec | None) -> tuple[str, ...] | None:
+    """The keyword names of a ``((), {name: leaf, ...})`` input spec; None for other specs."""
+    if spec is None or spec.type is not tuple or spec.num_children != 2:
+        return None
+    args, kwargs = spec.children()
+    if args.num_children != 0 or kwargs.type is not dict or not all(c.is_leaf() for c in kwargs.children()):
+        return None
+    return tuple(kwargs.context)
+
+
+def is_flat_tuple(spec: pytree.TreeSpec | None) -> bool:
+    """Whether an output spec is a plain tuple of leaves."""
+    return spec is not None and spec.type is tuple and all(c.is_leaf() for c in spec.children())
 
 
 class CompiledGraph:
@@ -73,18 +189,19 @@ def compile_graph(
     enabled: bool | None = None,
     name: str = "graph",
 ) -> Callable[..., Any]:
-    """``gm`` compiled with Inductor when ``should_compile(enabled, device)``, else ``gm``.
+    """``gm`` compiled with Inductor when ``should_compile(enabled, device)``, else run eagerly
+    (``EagerGraph``).
 
     The result has ``gm``'s call convention; ``original_graph(result)`` gives ``gm`` back.
     """
     if not should_compile(enabled, device):
-        return gm
+        return EagerGraph(gm)
     return CompiledGraph(gm, torch.device(device), name=name)
 
 
 def original_graph(runner: Callable[..., Any]) -> Any:
     """The graph behind a runner made by ``compile_graph`` (the runner itself otherwise)."""
-    return runner.gm if isinstance(runner, CompiledGraph) else runner
+    return runner.gm if isinstance(runner, (CompiledGraph, EagerGraph)) else runner
 
 
 def compile_summary(runners: Iterable[Callable[..., Any]]) -> dict[str, str]:

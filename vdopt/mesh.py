@@ -58,14 +58,7 @@ class Mesh:
     # Process groups of this mesh, created once on first use (see ``axis_groups``).
 
     def __post_init__(self) -> None:
-        for axis in AXES:
-            degree = getattr(self, axis)
-            if not isinstance(degree, int) or isinstance(degree, bool) or degree < 1:
-                raise ValueError(f"Mesh degree {axis}={degree!r} must be a positive int ({self.describe()})")
-        if self.cfg > 2:
-            raise ValueError(f"Mesh cfg={self.cfg}: CFG parallel splits a cond/uncond pair, use cfg=1 or 2 ({self.describe()})")
-        if self.dsp > 1 and (self.ulysses > 1 or self.ring > 1):
-            raise ValueError(f"DSP replaces Ulysses/Ring on spatial-temporal models; use dsp alone ({self.describe()})")
+        self.check_degrees()
         world = self.world_size_available()
         if world != self.size:
             raise ValueError(
@@ -76,6 +69,17 @@ class Mesh:
         # Set up now, so dist.get_rank() works right after building a mesh (a script decides
         # what rank 0 prints or writes before the first model call).
         self.ensure_process_group()
+
+    def check_degrees(self) -> None:
+        """Raise ``ValueError`` for degrees no mesh can have (whatever the world size)."""
+        for axis in AXES:
+            degree = getattr(self, axis)
+            if not isinstance(degree, int) or isinstance(degree, bool) or degree < 1:
+                raise ValueError(f"Mesh degree {axis}={degree!r} must be a positive int ({self.describe()})")
+        if self.cfg > 2:
+            raise ValueError(f"Mesh cfg={self.cfg}: CFG parallel splits a cond/uncond pair, use cfg=1 or 2 ({self.describe()})")
+        if self.dsp > 1 and (self.ulysses > 1 or self.ring > 1):
+            raise ValueError(f"DSP replaces Ulysses/Ring on spatial-temporal models; use dsp alone ({self.describe()})")
 
     @property
     def size(self) -> int:

@@ -183,3 +183,20 @@ def _ring_attention_fake(
 
 ring_attention = torch.library.custom_op("vdopt::ring_attention", _ring_attention_impl, mutates_args=())
 ring_attention.register_fake(_ring_attention_fake)
+
+
+def _ring_attention_setup(ctx, inputs, output) -> None:
+    q, k, v, k_fixed, v_fixed, mask, mask_fixed, block_lens, scale, group_name = inputs
+    ctx.save_for_backward(q, k, v, k_fixed, v_fixed, mask, mask_fixed)
+    ctx.ring = (list(block_lens), scale, group_name)
+
+
+def _ring_attention_backward(ctx, grad_out):
+    # A second ring pass (sequence-parallel training): dK/dV travel back to their owners.
+    from vdopt.ring_attention import ring_attention_backward
+
+    grads = ring_attention_backward(grad_out, *ctx.saved_tensors, *ctx.ring)
+    return (*grads, None, None, None, None, None)
+
+
+ring_attention.register_autograd(_ring_attention_backward, setup_context=_ring_attention_setup)

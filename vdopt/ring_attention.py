@@ -170,11 +170,14 @@ def ring_attention_forward(
     block_lens: Sequence[int],
     scale: float,
     group_name: str,
-) -> torch.Tensor:
+    *,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention of ``q`` over ``k_fixed`` and every rank's K/V block; see the module doc.
 
     ``block_lens[i]``: keys of rank ``i``'s block (ranks of the group); ``mask`` covers the
     blocks' keys in rank order (or broadcasts with a key dim of 1), ``mask_fixed`` the fixed keys.
+    ``return_lse``: return the fp32 output and log-sum-exp instead (for the backward pass).
     """
     from torch.distributed.distributed_c10d import _resolve_process_group
 
@@ -209,6 +212,8 @@ def ring_attention_forward(
             r.wait()
         if recv is not None:
             buf, src = recv, (src - 1) % size
+    if return_lse:
+        return acc_out, acc_lse
     return acc_out.to(q.dtype).contiguous()
 
 
@@ -216,3 +221,102 @@ def ring_bytes_sent(block_lens: Sequence[int], rank: int, key_bytes: int) -> int
     """Bytes rank ``rank`` sends in one ring pass: every block but the last one it holds."""
     size = len(block_lens)
     return sum(block_lens[(rank - s) % size] for s in range(size - 1)) * key_bytes
+
+
+# ----------------------------------------------------------------------------- backward
+
+
+def _block_backward(
+    q32: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+    lse: torch.Tensor, do32: torch.Tensor, delta: torch.Tensor, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp32 ``(dq, dk, dv)`` of one key block, given the softmax's final log-sum-exp over all keys.
+
+    The softmax probabilities of the block are ``exp(scores - lse)``: exactly its share of the
+    full softmax, so the per-block gradients sum to the full attention's gradients.
+    """
+    k32, v32 = k.float(), v.float()
+    scores = torch.matmul(q32, k32.transpose(-1, -2)) * scale
+    if mask is not None:
+        scores = scores + _mask_bias(mask, torch.float32)
+    dead = torch.isinf(lse)[..., None]  # rows with no key at all: output 0, no gradient
+    probs = torch.where(dead, 0.0, torch.exp(scores - lse.nan_to_num(neginf=0.0)[..., None]))
+    dv = torch.matmul(probs.transpose(-1, -2), do32)
+    dscores = probs * (torch.matmul(do32, v32.transpose(-1, -2)) - delta[..., None])
+    dq = torch.matmul(dscores, k32) * scale
+    dk = torch.matmul(dscores.transpose(-1, -2), q32) * scale
+    return dq, dk, dv
+
+
+def ring_attention_backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_fixed: torch.Tensor | None,
+    v_fixed: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    mask_fixed: torch.Tensor | None,
+    block_lens: Sequence[int],
+    scale: float,
+    group_name: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of ``ring_attention_forward`` for q, k, v, k_fixed and v_fixed.
+
+    One ring pass recomputes the log-sum-exp (nothing but the inputs is saved), then a second
+    pass sends each K/V block around the ring together with the fp32 accumulators of its
+    gradients: every rank adds its queries' contribution to the block it holds, and after the
+    last step the complete dK/dV of each block travel one more hop, back to its owner. The
+    fixed keys' gradients stay local: each rank's queries are the only ones it attends with.
+    """
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    group = _resolve_process_group(group_name)
+    size, me = dist.get_world_size(group), dist.get_rank(group)
+    out32, lse = ring_attention_forward(
+        q, k, v, k_fixed, v_fixed, mask, mask_fixed, block_lens, scale, group_name, return_lse=True
+    )
+    q32, do32 = q.float(), grad_out.float()
+    delta = (do32 * out32).sum(-1)  # rowsum(dO * O), the softmax backward's correction
+    offsets = [sum(block_lens[:i]) for i in range(size)]
+    dq = torch.zeros_like(q32)
+    dk_fixed = dv_fixed = None
+    if k_fixed is not None and k_fixed.shape[-2] > 0:
+        g_q, g_k, g_v = _block_backward(q32, k_fixed, v_fixed, mask_fixed, lse, do32, delta, scale)
+        dq += g_q
+        dk_fixed, dv_fixed = g_k.to(k_fixed.dtype), g_v.to(v_fixed.dtype)
+    k_shape, v_shape = tuple(k.shape[:-2]), tuple(v.shape[:-2])
+    d_k, d_v = k.shape[-1], v.shape[-1]
+    per_key = math.prod(k_shape) * d_k, math.prod(v_shape) * d_v
+    per = per_key[0] + per_key[1]
+    # [k | v] of the block held, and [dk | dv] of the same block (fp32), as flat buffers
+    kv = torch.cat([k.reshape(-1), v.reshape(-1)])
+    grads = torch.zeros(kv.numel(), dtype=torch.float32, device=q.device)
+    nxt, prv = dist.get_global_rank(group, (me + 1) % size), dist.get_global_rank(group, (me - 1) % size)
+    src = me
+    for step in range(size):
+        n = block_lens[src]
+        kb = kv[: n * per_key[0]].view(*k_shape, n, d_k)
+        vb = kv[n * per_key[0]:].view(*v_shape, n, d_v)
+        g_q, g_k, g_v = _block_backward(q32, kb, vb, _key_block(mask, offsets[src], n), lse, do32, delta, scale)
+        dq += g_q
+        grads += torch.cat([g_k.reshape(-1), g_v.reshape(-1)])
+        if size == 1:
+            break
+        # the last hop carries only the finished gradients, to the block's owner
+        m = block_lens[(src - 1) % size]
+        send = [grads] if step == size - 1 else [kv, grads]
+        recv = [grads.new_empty(m * per)] if step == size - 1 else [kv.new_empty(m * per), grads.new_empty(m * per)]
+        ops = [dist.P2POp(dist.isend, t, nxt, group) for t in send] + [dist.P2POp(dist.irecv, t, prv, group) for t in recv]
+        for r in dist.batch_isend_irecv(ops):
+            r.wait()
+        if step == size - 1:
+            grads = recv[0]
+        else:
+            kv, grads = recv
+        src = (src - 1) % size
+    assert src == me or size == 1, "ring backward ended on another rank's block"
+    n = block_lens[me]
+    dk = grads[: n * per_key[0]].view(*k_shape, n, d_k).to(k.dtype)
+    dv = grads[n * per_key[0]:].view(*v_shape, n, d_v).to(v.dtype)
+    return dq.to(q.dtype), dk, dv, dk_fixed, dv_fixed

@@ -89,15 +89,27 @@ def block_of(node: torch.fx.Node) -> str | None:
     return None
 
 
+def _output_shapes(graph: torch.fx.Graph) -> set[tuple[int, ...]]:
+    out = next(iter(graph.find_nodes(op="output")), None)
+    if out is None:
+        return set()
+    leaves = [a for a in torch.utils._pytree.tree_leaves(out.args) if isinstance(a, torch.fx.Node)]
+    return {s for s in (_shape(a) for a in leaves) if s is not None}
+
+
 def _latent_placeholder(graph: torch.fx.Graph) -> torch.fx.Node | None:
-    """The video latent: the largest 4-D or 5-D floating point input."""
-    best, best_numel = None, -1
-    for n in graph.find_nodes(op="placeholder"):
-        val = n.meta.get("val")
-        if isinstance(val, torch.Tensor) and val.is_floating_point() and val.dim() in (4, 5):
-            if val.numel() > best_numel:
-                best, best_numel = n, val.numel()
-    return best
+    """The video latent: the largest 4-D or 5-D floating point input; without one (packed
+    latents, pre-patchified tokens), the floating point input shaped like an output (a
+    denoiser predicts its latent's shape), else the largest 3-D one."""
+    floats = [n for n in graph.find_nodes(op="placeholder")
+              if isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].is_floating_point()]
+    grids = [n for n in floats if n.meta["val"].dim() in (4, 5)]
+    if grids:
+        return max(grids, key=lambda n: n.meta["val"].numel())
+    outputs = _output_shapes(graph)
+    same = [n for n in floats if _shape(n) in outputs]
+    tokens = same or [n for n in floats if n.meta["val"].dim() == 3]
+    return max(tokens, key=lambda n: n.meta["val"].numel()) if tokens else None
 
 
 def text_lengths(graph: torch.fx.Graph) -> set[int]:

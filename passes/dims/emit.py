@@ -14,8 +14,9 @@ knows the rewrites every consumer of the op table needs:
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.fx
@@ -55,6 +56,19 @@ def resized(target: Any, args: Sequence, kwargs: dict, out_shape: Sequence[int])
     return target, tuple(args), dict(kwargs)
 
 
+@contextlib.contextmanager
+def fake_only(fake_mode) -> Iterator[None]:
+    """Within: ``fake_mode`` computes fake values only. A capture of data-dependent code may
+    leave the graph's mode propagating real tensors too; a pass must never run real ops (a
+    collective would really communicate, at rewrite time, and fail torch's mutation check)."""
+    real = getattr(fake_mode, "propagate_real_tensors", False)
+    fake_mode.propagate_real_tensors = False
+    try:
+        yield
+    finally:
+        fake_mode.propagate_real_tensors = real
+
+
 class Emitter:
     """Creates ``call_function`` nodes at the graph's insert point (see the module docstring)."""
 
@@ -68,8 +82,9 @@ class Emitter:
 
     def call(self, target: Callable, args: tuple, kwargs: dict | None = None, *,
              like: torch.fx.Node | None = None) -> torch.fx.Node:
-        return insert_call(self.graph, target, tuple(args), kwargs, created_by=self.created_by,
-                           like=like, fake_mode=self.fake_mode)
+        with fake_only(self.fake_mode):
+            return insert_call(self.graph, target, tuple(args), kwargs, created_by=self.created_by,
+                               like=like, fake_mode=self.fake_mode)
 
     def copy(self, old: torch.fx.Node, target: Callable, args: tuple, kwargs: dict) -> torch.fx.Node:
         """A node standing for ``old`` with new arguments: ``old``'s metadata, a fresh ``val``."""
@@ -79,7 +94,8 @@ class Emitter:
         return node
 
     def value(self, target: Callable, args: tuple, kwargs: dict) -> Any:
-        return propagate_value(self.graph, target, args, kwargs, fake_mode=self.fake_mode)
+        with fake_only(self.fake_mode):
+            return propagate_value(self.graph, target, args, kwargs, fake_mode=self.fake_mode)
 
     def revalue(self, node: torch.fx.Node) -> None:
         """Recompute ``node``'s ``val`` after its arguments were rewritten in place."""

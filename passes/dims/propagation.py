@@ -37,6 +37,7 @@ from vdopt.mesh import AxisGroup
 from vdopt.passes.dims.emit import Emitter, resized
 from vdopt.passes.dims.rules import DimOp, arg, dim_args, dim_map, op_rule, permutation, with_arg
 from vdopt.passes.dims.sharded_shape import Dim, Factor, ShardedShape, Split, map_reshape
+from vdopt.passes.dims.split_ends import pad_end, trim_end
 
 log = logging.getLogger(__name__)
 
@@ -494,6 +495,14 @@ class ShardPropagator:
         node.target, node.args, node.kwargs = resized(node.target, node.args, node.kwargs, new.local_shape)
         return self._finish(new)
 
+    def rule_complex_view(self, node: torch.fx.Node) -> ShardedShape | None:
+        layout = self.layout(node.args[0])
+        if node.target is aten.view_as_complex.default:
+            if layout.dims[-1].sharded:
+                raise NeedGather("packs a split dim into complex numbers")
+            return self._finish(ShardedShape(layout.dims[:-1]))
+        return ShardedShape(layout.dims + (Dim.plain(2),))
+
     def rule_permute(self, node: torch.fx.Node) -> ShardedShape | None:
         return self.layout(node.args[0]).permute(permutation(node))
 
@@ -513,6 +522,8 @@ class ShardPropagator:
         start = node.args[2] if len(node.args) > 2 else None
         end = node.args[3] if len(node.args) > 3 else None
         step = node.args[4] if len(node.args) > 4 else 1
+        if not all(b is None or isinstance(b, int) for b in (start, end, step)):
+            raise NeedGather("slice bounds computed at run time (a data-dependent length)")
         size = d.size
         s = 0 if start is None else (start + size if start < 0 else start)
         e = size if end is None else (end + size if end < 0 else end)
@@ -531,7 +542,12 @@ class ShardPropagator:
             (d.pre + d.body, size): (d.pre + d.local_body, d.local_size, Dim.plain(d.post)),
         }
         if not d.joint or (s, e) not in regions or s == e:
-            raise NeedGather("slice of part of a split dim")
+            trimmed = trim_end(d, s, e)  # a Skiparse block's padding cut off the last chunk
+            if trimmed is None:
+                raise NeedGather("slice of part of a split dim")
+            new, local_end = trimmed
+            node.args = (x, dim, 0, local_end) + tuple(node.args[4:])
+            return self._finish(layout.with_dim(dim, new))
         ls, le, new = regions[(s, e)]
         node.args = (x, dim, ls, le) + tuple(node.args[5:])
         return self._finish(layout.with_dim(dim, new))
@@ -724,7 +740,15 @@ class ShardPropagator:
             i = nd - 1 - k
             if pad[2 * k] or pad[2 * k + 1]:
                 if dims[i].sharded:
-                    raise NeedGather("pads a split dim")
+                    constant = node.target is not aten.pad.default or arg(node, "mode") in (None, "constant")
+                    padded = pad_end(dims[i], pad[2 * k], pad[2 * k + 1]) if constant else None  # the last chunk grows
+                    if padded is None:
+                        raise NeedGather("pads a split dim")
+                    dims[i], local = padded
+                    pad = list(pad)
+                    pad[2 * k + 1] = local
+                    node.args = (node.args[0], pad) + tuple(node.args[2:])
+                    continue
                 dims[i] = Dim.plain(out[i])
         return ShardedShape(tuple(dims))
 
@@ -801,6 +825,7 @@ class ShardPropagator:
         DimOp.REDUCE: rule_reduction, DimOp.LINEAR: rule_linear, DimOp.PER_SAMPLE: rule_per_sample,
         DimOp.MATMUL: rule_matmul, DimOp.EINSUM: rule_einsum, DimOp.REPEAT_INTERLEAVE: rule_repeat_interleave,
         DimOp.PAD: rule_pad, DimOp.METADATA: rule_metadata, DimOp.NEW: rule_new_tensor,
+        DimOp.COMPLEX_VIEW: rule_complex_view,
         DimOp.IDENTITY: rule_same_layout, DimOp.POINTWISE: rule_pointwise,
     }
     """What this pass does per kind of op; kinds missing here (collectives) are gathered first."""

@@ -81,6 +81,9 @@ class DimOp(enum.Enum):
     """One output of a multi-output node."""
     CARRY = "carry"
     """Each output is the input at its position (PipeFusion's stage marker)."""
+    COMPLEX_VIEW = "complex_view"
+    """The last dim packed into complex numbers or unpacked (``view_as_complex`` of ``(..., 2)``,
+    ``view_as_real``: complex RoPE); the other dims kept."""
     COLLECTIVE = "collective"
     """A functional collective: exchanges or gathers along dim 0; ``wait_tensor`` keeps dims."""
 
@@ -130,14 +133,14 @@ def _rule_table() -> dict[Any, OpRule]:
         aten.rand_like.default, aten.randn_like.default, aten.fill_.Scalar,
     ]
     reduce = [aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default,
-              aten.var.correction, aten.std.correction]
+              aten.var.correction, aten.std.correction, aten.linalg_vector_norm.default]
     along = [aten.softmax.int, aten._softmax.default, aten.log_softmax.int, aten._log_softmax.default,
              aten.cumsum.default]
     per_sample = [
         aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default,
         aten.conv_transpose2d.input, aten.conv_transpose3d.input, aten.group_norm.default,
         aten.upsample_nearest2d.vec, aten.upsample_nearest3d.vec, aten.upsample_bilinear2d.vec,
-        aten.upsample_trilinear3d.vec, aten.avg_pool2d.default, aten.avg_pool3d.default,
+        aten.upsample_trilinear3d.vec, aten.avg_pool1d.default, aten.avg_pool2d.default, aten.avg_pool3d.default,
     ]
     return {
         **reshape,
@@ -145,9 +148,12 @@ def _rule_table() -> dict[Any, OpRule]:
         aten.type_as.default: R(DimOp.IDENTITY, operands=1),
         aten.copy_.default: R(DimOp.POINTWISE, operands=2, inplace=True),
         # pointwise, whether or not this torch version tags them so
+        aten.view_as_complex.default: R(DimOp.COMPLEX_VIEW),
+        aten.view_as_real.default: R(DimOp.COMPLEX_VIEW),
         aten.masked_fill.Scalar: R(DimOp.POINTWISE),
         aten.masked_fill.Tensor: R(DimOp.POINTWISE),
         aten.where.self: R(DimOp.POINTWISE),
+        aten.expand_as.default: R(DimOp.POINTWISE),  # broadcast to the other's shape
         aten.permute.default: R(DimOp.PERMUTE, dims=("dims",)),
         aten.transpose.int: R(DimOp.PERMUTE, dims=("dim0", "dim1")),
         aten.t.default: R(DimOp.PERMUTE),
@@ -160,6 +166,7 @@ def _rule_table() -> dict[Any, OpRule]:
         aten.chunk.default: R(DimOp.SPLIT, dims=("dim",)),
         aten.cat.default: R(DimOp.CAT, dims=("dim",)),
         aten.concat.default: R(DimOp.CAT, dims=("dim",)),
+        aten.concatenate.default: R(DimOp.CAT, dims=("dim",)),
         aten.stack.default: R(DimOp.STACK, dims=("dim",), dims_of_output=True),
         **{op: R(DimOp.REDUCE, dims=("dim",)) for op in reduce},
         aten.layer_norm.default: R(DimOp.NORMALIZE, sizes="normalized_shape"),
@@ -173,6 +180,7 @@ def _rule_table() -> dict[Any, OpRule]:
         aten.einsum.default: R(DimOp.EINSUM),
         aten.repeat_interleave.self_int: R(DimOp.REPEAT_INTERLEAVE, dims=("dim",), sizes="output_size"),
         aten.constant_pad_nd.default: R(DimOp.PAD, sizes="pad"),
+        aten.pad.default: R(DimOp.PAD, sizes="pad"),  # F.pad as exported; rule_pad checks the mode
         aten.scaled_dot_product_attention.default: R(DimOp.ATTENTION),
         vdopt_ops.attention.default: R(DimOp.ATTENTION),
         **{op: R(DimOp.NEW, sizes="size") for op in (aten.new_zeros.default, aten.new_ones.default,
@@ -355,4 +363,8 @@ def dim_map(node: torch.fx.Node) -> DimMap | None:
         return DimMap(tuple(d + shift for d in keep), frozenset({rank - 1}))
     if kind is DimOp.PER_SAMPLE:
         return DimMap(keep, frozenset(range(1, rank)))
+    if kind is DimOp.COMPLEX_VIEW:
+        if node.target is aten.view_as_complex.default:  # (..., 2) -> (...): the pair dim goes
+            return DimMap(keep[:-1] + (None,), frozenset({rank - 1}))
+        return DimMap(keep, frozenset())  # a new trailing dim of 2
     return None

@@ -206,13 +206,42 @@ class ShardedShape:
         return "(" + ", ".join(one(d) for d in self.dims) + ")"
 
 
+def _outer_part(item: Factor, outer: int) -> Factor | None:
+    """The outer ``outer`` rows of ``item`` cut as ``outer x (item.size // outer)``.
+
+    A split factor can be cut so only where every chunk holds whole inner rows (a Skiparse
+    regroup of tokens split in multiples of its k*k): the outer part keeps the split, with
+    chunks ``inner`` times shorter, and the inner part is whole on every rank.
+    """
+    if item.split is None:
+        return Factor("?", outer)
+    inner = item.size // outer
+    if any(n % inner for n in item.split.sizes):
+        return None
+    return Factor(item.label, outer, Split(item.split.axes, tuple(n // inner for n in item.split.sizes)))
+
+
+def _merge_split_rows(factors: list[Factor]) -> tuple[Factor, ...]:
+    """A split factor followed only by unsplit unlabelled factors is one split factor (each
+    chunk times those rows is a contiguous chunk of the product), so an ungrouped Skiparse
+    output lines up with the token stream it is added to."""
+    split = [j for j, f in enumerate(factors) if f.split is not None]
+    if len(split) != 1 or split[0] == len(factors) - 1 or any(f.label != "?" for f in factors[split[0] + 1:]):
+        return tuple(factors)
+    j = split[0]
+    f, rows = factors[j], math.prod(g.size for g in factors[j + 1:])
+    merged = Factor(f.label, f.size * rows, Split(f.split.axes, tuple(n * rows for n in f.split.sizes)))
+    return tuple(factors[:j]) + (merged,)
+
+
 def map_reshape(layout: ShardedShape, out_shape: Sequence[int]) -> ShardedShape | None:
     """The layout after reshaping a tensor of ``layout`` to global ``out_shape``.
 
-    Factors are carried over in row-major order; an unsplit factor may be cut in two when an
-    output dim needs part of it (the parts are labelled ``?``). Returns None when the reshape
-    would cut a split factor or a joint (pre/post) dim, or mixes dims in a way that does not
-    follow factor boundaries: the caller must then gather first.
+    Factors are carried over in row-major order; a factor may be cut in two when an output dim
+    needs part of it (the parts are labelled ``?``; a split factor only where its chunks hold
+    whole inner rows, see ``_outer_part``). Returns None when the reshape would cut a split
+    factor otherwise or a joint (pre/post) dim, or mixes dims in a way that does not follow
+    factor boundaries: the caller must then gather first.
     """
     items: list[Factor | Dim] = []
     for d in layout.dims:
@@ -244,13 +273,15 @@ def map_reshape(layout: ShardedShape, out_shape: Sequence[int]) -> ShardedShape 
                 i += 1
                 continue
             want = size // acc
-            if size % acc or item.size % want or item.split is not None:
+            if size % acc or item.size % want:
                 return None
-            factors.append(Factor("?", want))
+            factors.append(_outer_part(item, want))
+            if factors[-1] is None:
+                return None
             items[i] = Factor("?", item.size // want)
             acc = size
         if factors is not None:
-            out.append(Dim(tuple(factors)))
+            out.append(Dim(_merge_split_rows(factors)))
     if i != len(items):
         return None
     return ShardedShape(tuple(out))

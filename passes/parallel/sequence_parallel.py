@@ -2,7 +2,12 @@
 
 The token stream is split right where the patch embedding forms it and stays split through
 every block (``ShardPropagator``); it is gathered where a reshape cuts the split tokens apart
-(the unpatchify before the output). At each self-attention over split tokens:
+(the unpatchify before the output). Where the patch embedding is a convolution, the token grid
+(T, H, W) read off it says where the stream starts and which factor to split (S or T*H*W).
+Otherwise (a linear embedding of patchified tokens, packed latents, pre-patchified inputs) the
+start is found from the attention sites' Q/K/V shape flow (``analysis/tokens.py``): Ulysses,
+Ring and USP need only the token dim; DSP needs the grid and says so. At each self-attention
+over split tokens:
 
 * Ulysses (``passes/ulysses.py``): all-to-all sequence <-> heads around the attention;
 * Ring (``passes/ring.py``): K/V blocks passed around the ring, merged by log-sum-exp;
@@ -27,13 +32,16 @@ import torch.fx
 
 from vdopt import meta
 from vdopt.collectives import comm_stats, per_purpose_notes, records
+from vdopt.passes.analysis.attention import SDPA, depends_on_latent
 from vdopt.passes.analysis.sites import VideoLayout
+from vdopt.passes.analysis.tokens import find_token_origin
 from vdopt.passes.base import PassContext, PassResult
 from vdopt.passes.dims.propagation import ShardPropagator
 from vdopt.passes.dims.rules import DimOp, op_rule, permutation, shape_of
 from vdopt.passes.dims.sharded_shape import Dim, Factor, ShardedShape, Split, map_reshape
 from vdopt.passes.parallel.dsp import WANT, first_split, plan_blocks, switch_axis_hook
 from vdopt.passes.parallel.ring import ring_attention
+from vdopt.passes.parallel.skiparse import skiparse_strides, token_split, token_unit
 from vdopt.passes.parallel.ulysses import ulysses_attention
 
 _CONVS = {torch.ops.aten.conv2d.default, torch.ops.aten.conv3d.default, torch.ops.aten.convolution.default}
@@ -168,38 +176,64 @@ class SequenceParallel:
                     f"{few[0].heads} heads; use ulysses<={few[0].heads} (and ring for the rest)"
                 )
 
+    def token_dim_from_graph(self, gm: torch.fx.GraphModule, ctx: PassContext) -> tuple[torch.fx.Node, list[Dim]]:
+        """Where the tokens are created, found from the attention's Q/K/V shape flow (any patch
+        embedding: conv, linear on patchified tokens, packed latents, pre-patchified inputs)."""
+        mesh = ctx.mesh
+        from_latent = depends_on_latent(gm.graph)
+        sdpas = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is SDPA
+                 and n.args[0] in from_latent and getattr(n.meta.get(meta.SITE), "kind", "full") not in ("cross", "text")]
+        origin = find_token_origin(sdpas, from_latent)
+        if origin is None:
+            raise ValueError(
+                f"Mesh({mesh.describe()}): sequence parallelism found no self-attention over tokens computed "
+                "from the latent input; run this model with cfg parallelism only, or on one device"
+            )
+        self.validate(ctx, "TS", origin.size, False)
+        dims = [Dim.plain(n) for n in shape_of(origin.node)]
+        dims[origin.dim] = Dim((Factor("TS", origin.size),))
+        return origin.node, dims
+
     def __call__(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         mesh = ctx.mesh
-        if ctx.layout is None:
-            raise ValueError(
-                f"Mesh({mesh.describe()}): sequence parallelism needs the video token grid, but no patch "
-                "embedding convolution was found in this model"
-            )
         groups = mesh.axis_groups(ctx.device)
         spatial_temporal = any(s.kind == "temporal" for s in ctx.sites) and any(s.kind == "spatial" for s in ctx.sites)
+        if mesh.dsp > 1 and ctx.layout is None:
+            raise ValueError(
+                f"Mesh({mesh.describe()}): DSP switches between the frames and the spatial tokens, so it "
+                "needs the frame/height/width grid of the video tokens, and none was found in this model "
+                "(no patch embedding convolution): use ulysses and/or ring, which need only the token dim"
+            )
         if mesh.dsp > 1 and not spatial_temporal:
             raise ValueError(
                 f"Mesh({mesh.describe()}): DSP needs a spatial-temporal model (separate spatial and "
                 "temporal attention); this model attends over all tokens at once: use ulysses and/or ring"
             )
-        label = self.split_factor(ctx, spatial_temporal)
-        grid = ctx.layout
-        self.validate(ctx, label, {"S": grid.spatial_tokens, "TS": grid.tokens, "T": grid.frames}[label], spatial_temporal)
-        batch = grid.batch // mesh.cfg
-        found = find_token_stream(gm.graph, grid, batch)
-        if found is None:
-            raise ValueError(
-                f"Mesh({mesh.describe()}): found no token stream of shape (B, T*H*W, C) or (B*T, H*W, C) "
-                f"after the patch embedding (grid {ctx.layout})"
-            )
-        point, dims = found
-        if label == "TS":
-            tokens = dims[1].body
-            dims[1] = Dim((Factor("TS", tokens),))
+        found = None
+        if ctx.layout is not None:
+            label = self.split_factor(ctx, spatial_temporal)
+            grid = ctx.layout
+            self.validate(ctx, label, {"S": grid.spatial_tokens, "TS": grid.tokens, "T": grid.frames}[label], spatial_temporal)
+            found = find_token_stream(gm.graph, grid, grid.batch // mesh.cfg)
+            if found is None and mesh.dsp > 1:
+                raise ValueError(
+                    f"Mesh({mesh.describe()}): found no token stream of shape (B, T*H*W, C) or (B*T, H*W, C) "
+                    f"after the patch embedding (grid {ctx.layout}), which DSP needs: use ulysses and/or ring"
+                )
+        if found is not None:
+            point, dims = found
+            if label == "TS":
+                tokens = dims[1].body
+                dims[1] = Dim((Factor("TS", tokens),))
+        else:
+            label = "TS"
+            point, dims = self.token_dim_from_graph(gm, ctx)
         where = next((i, d.find(label)) for i, d in enumerate(dims) if d.find(label) is not None)
         factor = dims[where[0]].factors[where[1]]
         axes = tuple(groups[a] for a in ("ring", "ulysses", "dsp") if a in groups)
-        dims[where[0]] = dims[where[0]].with_factor(where[1], Factor(label, factor.size, Split.balanced(factor.size, axes)))
+        # Skiparse: chunks of whole k*k runs, so each rank's groups stay on it through the regroup
+        unit = token_unit(ctx.sites, ctx.layout) if label == "TS" else 1
+        dims[where[0]] = dims[where[0]].with_factor(where[1], Factor(label, factor.size, token_split(factor.size, axes, unit)))
         hook = None
         if mesh.dsp > 1:
             plan, purposes = plan_blocks(ctx.sites)
@@ -211,6 +245,7 @@ class SequenceParallel:
         comms = records(n for n in gm.graph.nodes if n.meta.get(meta.CREATED_BY) == self.name)
         notes = per_purpose_notes(comms)
         per_site = {}
+        skiparse = skiparse_strides(ctx.sites, ctx.layout)
         for s in ctx.sites:
             how = prop.notes.get(s.name)
             if how is None:
@@ -223,6 +258,8 @@ class SequenceParallel:
                 else:
                     how = "local (split tokens in batch)"
             per_site[s.name] = how + (f": {notes[s.name]}" if s.name in notes else "")
+            if s.name in skiparse:
+                per_site[s.name] += f" (skiparse k={skiparse[s.name]})"
         stats = {
             "split": f"{label}{factor.size}/{'x'.join(a.axis for a in axes)}",
             **comm_stats(comms),

@@ -162,7 +162,11 @@ def find_stage_cut(gm: torch.fx.GraphModule, layout: VideoLayout | None, config:
     """Where each node of the marked graph ``gm`` goes for ``stage`` (pure: ``gm`` is unchanged)."""
     graph = gm.graph
     if layout is None:
-        raise ValueError("PipeFusion needs the latent's token grid, which analysis could not derive for this model")
+        raise ValueError(
+            "PipeFusion splits the latent into patches along a frame/height/width axis, so it needs the "
+            "token grid, and none was found in this model (no patch embedding convolution: packed or "
+            "pre-patchified tokens): use ulysses and/or ring instead of pipefusion, which need only the token dim"
+        )
     split = split_stages(gm)
     roles = split.roles
     nodes = {n.name: n for n in graph.nodes}

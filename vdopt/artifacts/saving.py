@@ -38,6 +38,12 @@ def save(opt: Any, path: str | os.PathLike) -> Path:
     """
     from vdopt.runtime.executable import model_device
 
+    if getattr(opt, "_guarded", None):
+        raise ArtifactError(
+            "plans specialized on data-dependent values (see opt.report()) cannot be saved: "
+            "AOT artifacts carry no guards; save a model whose forward has no branch or size "
+            "taken from tensor values"
+        )
     plans = list(opt._plans.items())  # (input key, plan), one per input signature
     if not plans:
         raise ArtifactError(

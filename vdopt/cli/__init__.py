@@ -17,7 +17,7 @@ import sys
 import traceback
 
 # Each module defines ``register(subparsers)``, which adds its parser and sets ``func``.
-COMMANDS = ("demo", "inspect", "compile", "bench", "gpu_check")
+COMMANDS = ("demo", "generate", "inspect", "compile", "bench", "gpu_check", "plan", "calibrate")
 
 EXIT_FAILURE = 1
 """Exit status of a command that failed (argparse's usage errors keep their status 2)."""

@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import vdopt
     from vdopt.models import build
-    from vdopt.report import table
+    from vdopt.runtime.report import table
 
     shape = {k: getattr(args, k) for k in ("frames", "height", "width") if getattr(args, k) is not None}
     # Analysis needs shapes only: on the meta device even full configurations cost no memory.

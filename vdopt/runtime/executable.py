@@ -11,6 +11,7 @@ and the mesh group it waited on.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
@@ -19,13 +20,14 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from vdopt.capture import bind_call, capture
-from vdopt.compile import compile_graph, compile_summary, original_graph
+from vdopt.capture import bind_call, capture_guarded
+from vdopt.compile import EagerGraph, compile_graph, compile_summary, original_graph
 from vdopt.config import PipeFusionConfig
 from vdopt.mesh import Mesh
 from vdopt.passes.analysis.attention import analyze
 from vdopt.passes.base import PassContext
 from vdopt.passes.order import PipelineOptions, build_pipeline, check_disabled
+from vdopt.passes.parallel.skiparse import check_pipefusion
 from vdopt.passes.pab.specialize import PABSpecialize
 from vdopt.passes.pab.variants import specialize_graphs
 from vdopt.passes.pipefusion.stage_cut import StageCut
@@ -33,33 +35,39 @@ from vdopt.passes.pipefusion.stage_graphs import build_stage_graphs, specialize_
 from vdopt.passes.pipefusion.stage_split import StageSplit
 from vdopt.passes.runner import PassRecord, run_passes
 from vdopt.progress import progress
-from vdopt.report import render_report
+from vdopt.runtime.report import render_report
 from vdopt.runtime.failures import Step, collective_error, graph_step, is_collective_failure
 from vdopt.runtime.pab import MAIN_GRAPH, PABProgram
 from vdopt.runtime.pipefusion import PipeFusionProgram, StagePeers
 from vdopt.runtime.plan import Plan, Program
+from vdopt.runtime.training import training_program
 
 log = logging.getLogger(__name__)
+
+# Captures of one input signature (data-dependent values changed) past which a warning says so.
+_MANY_SPECIALIZATIONS = 8
 
 
 class GraphProgram:
     """The plain program: one rewritten graph run on every call."""
 
     def __init__(self, gm: Callable[..., Any]) -> None:
-        """``gm``: the graph, or a runner with its call convention (compiled, or loaded)."""
-        self.gm = gm
+        """``gm``: the graph, or a runner with its call convention (``compile_graph``'s, or loaded)."""
+        self._run = gm
         graph = original_graph(gm)
+        self.gm = graph if isinstance(gm, EagerGraph) else gm
+        """The graph, or its compiled or loaded runner."""
         self.step = graph_step("graph main", graph) if isinstance(graph, torch.fx.GraphModule) else Step(what="graph main")
         """What the program runs (for errors raised during a call)."""
 
     def __call__(self, inputs: dict[str, Any]) -> Any:
-        return self.gm(**inputs)
+        return self._run(**inputs)
 
     def reset(self) -> None:
         pass
 
     def summary(self) -> dict[str, Any]:
-        return compile_summary([self.gm])
+        return compile_summary([self._run])
 
 
 def _pipefusion_program(
@@ -95,6 +103,8 @@ def build_program(
     A feature whose pass is disabled by name is off (with a warning).
     """
     after = list(after)
+    if options.training:
+        return training_program(gm, ctx, checkpoint_blocks=options.checkpoint_blocks), []
     if options.pab is not None and PABSpecialize.name in disabled:
         log.warning("PAB is off: its pass %s is disabled", PABSpecialize.name)
     if ctx.mesh.pipefusion > 1:
@@ -124,6 +134,41 @@ def input_key(inputs: dict[str, Any]) -> tuple:
     """Cache key of a call: structure, tensor shapes/dtypes/devices and non-tensor values."""
     leaves, spec = pytree.tree_flatten(inputs)
     return (str(spec), tuple(_leaf_key(x) for x in leaves))
+
+
+class CallBinder:
+    """``vdopt.capture.bind_call`` with the model's signature read once per ``forward``.
+
+    A call by keywords only, each naming a parameter of ``forward`` and every required one
+    given (what diffusers pipelines make), is bound by looking the names up in signature
+    order: the same mapping ``bind_call`` returns, without ``inspect`` on every call. Any
+    other call goes through ``bind_call``. A ``forward`` replaced on the model (a hook) is
+    read again.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self._model = model
+        self._forward: Any = None
+        self._order: tuple[str, ...] = ()
+        self._names: frozenset[str] = frozenset()
+        self._required: frozenset[str] = frozenset()
+
+    def __call__(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+        forward = self._model.forward
+        forward = getattr(forward, "__func__", forward)
+        if forward is not self._forward:
+            self._read(forward)
+        if args or not self._required <= kwargs.keys() or not kwargs.keys() <= self._names:
+            return bind_call(self._model, args, kwargs)
+        return {name: kwargs[name] for name in self._order if name in kwargs}
+
+    def _read(self, forward: Any) -> None:
+        keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        params = [p for p in inspect.signature(self._model.forward).parameters.values() if p.kind in keyword]
+        self._forward = forward
+        self._order = tuple(p.name for p in params)
+        self._names = frozenset(self._order)
+        self._required = frozenset(p.name for p in params if p.default is inspect.Parameter.empty)
 
 
 def describe_inputs(inputs: dict[str, Any]) -> str:
@@ -165,24 +210,31 @@ class Executable(torch.nn.Module):
         self.options = options
         self.disable_passes = tuple(disable_passes)
         self._plans: dict[tuple, Plan] = {}
+        """Plans valid for every call of their input signature (the ones artifacts can save)."""
+        self._guarded: dict[tuple, list[Plan]] = {}
+        """Plans specialized on data-dependent values, per input signature, checked by their guards."""
+        self._built: list[Plan] = []
+        """Every plan, in the order built (``plans``, the report)."""
         self._model_name = type(model).__name__
         self._calls = 0
+        self._bind = CallBinder(model)
         # Fail on bad options now rather than at the first call.
         build_pipeline(options)
         check_disabled(options, self.disable_passes)
 
     # -- the call ------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        inputs = bind_call(self._model, args, kwargs)
+        inputs = self._bind(args, kwargs)
         plan = self._plan_for(inputs)
         self._calls += 1
-        with torch.no_grad():
+        # training: the caller's grad mode (the graph is differentiable); otherwise no autograd
+        with contextlib.nullcontext() if self.options.training else torch.no_grad():
             try:
                 return plan.program(inputs)
             except Exception as e:
                 if self.mesh.size == 1 or not is_collective_failure(e):
                     raise
-                number = list(self._plans.values()).index(plan) + 1
+                number = self._built.index(plan) + 1
                 call = f"call {self._calls} of {self._model_name} (input signature {number}: {plan.signature})"
                 device = model_device(self._model)
                 raise collective_error(e, mesh=self.mesh, device=device, call=call, step=plan.program.step) from e
@@ -190,11 +242,30 @@ class Executable(torch.nn.Module):
     def _plan_for(self, inputs: dict[str, Any]) -> Plan:
         key = input_key(inputs)
         plan = self._plans.get(key)
-        if plan is None:
-            if self._plans:
-                log.info("new input signature for %s: capturing again", self._model_name)
-            plan = self._build(inputs)
+        if plan is not None:
+            return plan
+        specialized = self._guarded.get(key, [])
+        for plan in specialized:
+            if plan.guards.hold(inputs):
+                return plan
+        if specialized:
+            log.info("%s: data-dependent guards of %d plan(s) fail for this call (%s): capturing again",
+                     self._model_name, len(specialized), specialized[-1].guards.describe())
+        elif self._built:
+            log.info("new input signature for %s: capturing again", self._model_name)
+        plan = self._build(inputs)
+        if plan.guards is None:
             self._plans[key] = plan
+        else:
+            specialized.append(plan)
+            self._guarded[key] = specialized
+            if len(specialized) == _MANY_SPECIALIZATIONS:
+                log.warning(
+                    "%s was captured %d times for one input signature because data-dependent values "
+                    "changed (%s): pass such values as Python arguments, or make them sizes of inputs",
+                    self._model_name, len(specialized), plan.guards.describe(),
+                )
+        self._built.append(plan)
         return plan
 
     def _build(self, inputs: dict[str, Any]) -> Plan:
@@ -203,11 +274,13 @@ class Executable(torch.nn.Module):
         with progress(3 + len(passes), f"vdopt {self._model_name}") as bar:
             bar.set_postfix_str("capture")
             start = time.perf_counter()
-            gm = capture(self._model, inputs)
+            captured = capture_guarded(self._model, inputs, training=self.options.training)
+            gm = captured.gm
             capture_s = time.perf_counter() - start
             bar.update(1)
             bar.set_postfix_str("analyze")
             sites, layout = analyze(gm)
+            check_pipefusion(sites, layout, self.mesh)
             bar.update(1)
             ctx = PassContext(
                 mesh=self.mesh, device=device, sites=sites, layout=layout, kernels=self.options.kernels
@@ -226,12 +299,49 @@ class Executable(torch.nn.Module):
             capture_s=capture_s,
             passes_s=time.perf_counter() - start - capture_s,
             program=program,
+            guards=captured.guards,
         )
+
+    # -- a whole denoising loop ---------------------------------------------------------
+    def denoise(
+        self,
+        latents: torch.Tensor,
+        timesteps: Sequence[Any],
+        update: Callable[[int, torch.Tensor, Any], torch.Tensor],
+        *,
+        latent_arg: str = "hidden_states",
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """The final latent of ``for s, t in enumerate(timesteps): x = update(s, x, self(**kwargs,
+        <latent_arg>=x, timestep=t))``, starting from ``latents``; a new generation.
+
+        ``update(s, x, out)`` is the scheduler step on the model's output ``out`` (as the model
+        returns it); it must be a pure function acting per latent element (Euler and
+        flow-matching steps do). Owning the loop lets PipeFusion keep its pipeline full across
+        steps, as xDiT does, with the latents of the step-by-step loop; any other program runs
+        the loop call by call. Every rank returns the full latent.
+        """
+        if not timesteps:
+            return latents
+        inputs = self._bind((), {**kwargs, latent_arg: latents, "timestep": timesteps[0]})
+        if latent_arg not in inputs or "timestep" not in inputs:
+            raise ValueError(f"denoise: {self._model_name}.forward takes no `{latent_arg}` or `timestep` argument; "
+                             "pass latent_arg= naming its latent input")
+        program = self._plan_for(inputs).program
+        if isinstance(program, PipeFusionProgram):
+            self._calls += len(timesteps)
+            with torch.no_grad():
+                return program.denoise(inputs, latent_arg, timesteps, update)
+        self.reset()
+        x = latents
+        for s, t in enumerate(timesteps):
+            x = update(s, x, self(**{**kwargs, latent_arg: x, "timestep": t}))
+        return x
 
     # -- step state ----------------------------------------------------------------------
     def reset(self) -> None:
         """Start a new generation: clears step state (PAB caches, call counters)."""
-        for plan in self._plans.values():
+        for plan in self._built:
             plan.program.reset()
 
     @contextlib.contextmanager
@@ -247,7 +357,7 @@ class Executable(torch.nn.Module):
     @property
     def plans(self) -> list[Plan]:
         """The plans built so far, one per input signature seen."""
-        return list(self._plans.values())
+        return list(self._built)
 
     def report(self) -> str:
         return render_report(self._model_name, self.mesh, self.plans)
@@ -264,4 +374,4 @@ class Executable(torch.nn.Module):
             return getattr(model, name)
 
     def extra_repr(self) -> str:
-        return f"model={self._model_name}, mesh=({self.mesh.describe()}), plans={len(self._plans)}"
+        return f"model={self._model_name}, mesh=({self.mesh.describe()}), plans={len(self._built)}"

@@ -29,7 +29,7 @@ import torch.fx
 import torch.fx._pytree as fx_pytree
 from torch.utils import _pytree as pytree
 
-from vdopt.compile import compile_graph, compile_summary
+from vdopt.compile import compile_graph, compile_summary, is_flat_tuple, kwargs_leaf_names
 from vdopt.passes.pab.regions import PAB_KINDS, PABRegion
 from vdopt.passes.pab.schedule import PABSchedule, variant_name
 from vdopt.passes.pab.variants import PABGraphs, VariantGraph
@@ -58,6 +58,8 @@ def read_timestep(inputs: Mapping[str, Any], arg: str = TIMESTEP_ARG) -> float:
         )
     value = inputs[arg]
     if isinstance(value, torch.Tensor):
+        if value.numel() == 1:
+            return float(value)
         return float(value.detach().max()) if value.numel() else 0.0
     return float(value)
 
@@ -152,6 +154,8 @@ class PABState:
         """Region calls per PAB kind since the state was built (not cleared by reset)."""
         self.variant_calls: dict[str, int] = {}
         """Calls per variant name (a pattern of reused kinds)."""
+        self._kinds: dict[tuple[Hashable, ...], tuple[str, ...]] = {}
+        """The PAB kind of each region of the graphs a call runs (one entry per region name)."""
 
     def decide(self, slot_index: int, timestep: float, graphs: Iterable[Hashable]) -> tuple[SlotState, frozenset[str]]:
         """The slot of a call and the kinds it reuses in every graph of ``graphs`` (those it runs)."""
@@ -178,8 +182,11 @@ class PABState:
     def finish(self, slot: SlotState, reuse: frozenset[str], graphs: Iterable[Hashable]) -> None:
         """Ends a call that ran ``graphs``: advances its slot and counts its region calls."""
         slot.calls += 1
-        kinds = {r.name: r.kind for g in graphs for r in self.regions[g]}
-        for kind in kinds.values():
+        graphs = tuple(graphs)
+        kinds = self._kinds.get(graphs)
+        if kinds is None:
+            kinds = self._kinds[graphs] = tuple({r.name: r.kind for g in graphs for r in self.regions[g]}.values())
+        for kind in kinds:
             self.counts[kind]["reused" if kind in reuse else "computed"] += 1
         name = variant_name(reuse)
         self.variant_calls[name] = self.variant_calls.get(name, 0) + 1
@@ -258,6 +265,8 @@ class PABProgram:
         self.in_spec = in_spec
         self.out_spec = out_spec
         self.input_names = tuple(input_names)
+        self._keys = kwargs_leaf_names(in_spec)
+        self._flat_output = is_flat_tuple(out_spec)
         self.tracker = StepTracker()
         self.state = PABState(schedule, {MAIN_GRAPH: self.regions}, skipped)
         # the step of each variant, its collectives' groups found once (loaded variants: unknown)
@@ -302,12 +311,14 @@ class PABProgram:
 
     # -- running ---------------------------------------------------------------------------
     def _flatten(self, inputs: dict[str, Any]) -> list[Any]:
+        if self._keys is not None:
+            return [inputs[name] for name in self._keys]
         if self.in_spec is not None:
             return list(fx_pytree.tree_flatten_spec(([], dict(inputs)), self.in_spec))
         return [inputs[name] for name in self.input_names]
 
     def _unflatten(self, leaves: Sequence[Any]) -> Any:
-        if self.out_spec is not None:
+        if self.out_spec is not None and not self._flat_output:
             return pytree.tree_unflatten(list(leaves), self.out_spec)
         return tuple(leaves)
 

@@ -31,10 +31,24 @@ site with stale K/V still computes its K/V projections, since PipeFusion's K/V c
 them: that cache then holds this step's K/V as without PAB, and only the query, the attention
 and the output projection are skipped.
 
-What is approximate: pipelined calls (by design). What is not done: the pipeline is filled
-and drained within each call (the scheduler step between calls is outside the model), so
-there is a bubble of (N-1)/(M+N-1) per call, unlike xDiT which keeps the pipeline full across
-steps.
+What is approximate: pipelined calls (by design). Called step by step (``opt(...)``), the
+pipeline is filled and drained within each call, since the scheduler step between calls is
+outside the model: a bubble of (N-1)/(M+N-1) per call.
+
+Across steps (``opt.denoise(latents, timesteps, update, ...)``, ``PipeFusionProgram.denoise``)
+the program owns the loop, as xDiT does, and the pipeline stays full: the last stage applies
+the update to a patch's region of the latent as soon as that patch leaves the epilogue and
+sends the region to the other stages, so stage 0 starts patch 0 of step s+1 while the later
+stages still work on step s. The pipeline fills and drains once per generation. Every patch
+sees the same K/V as in the step-by-step loop (fresh for the patches before it in this step,
+one step stale for the others), so both loops give the same latents; the per-call path stays
+as it is. This needs what xDiT's loop needs: an ``update`` that acts per latent element
+(Euler and flow-matching steps do), and a prologue and epilogue that act per patch (patch
+embedding, per-token norms and projections, unpatchify). Both are checked once per
+generation by probing with NaN (the region of the latent each patch feeds and reads must be
+disjoint and cover the latent); where a check fails, or with PAB or other mesh axes, the
+loop runs step by step with a warning. The cost: prologue and epilogue run once per patch
+rather than once per step.
 """
 
 from __future__ import annotations
@@ -68,6 +82,14 @@ class _Slot:
     """K/V caches of one call slot (cond, uncond, ...)."""
 
     kv: list[torch.Tensor] | None = None
+    body_out: list[Any] | None = None
+    """Last stage: the stage's outputs on the whole latent at the last call (what the
+    epilogue read); the loop across steps writes each patch's outputs into it."""
+
+
+REGION_TAG = 1
+"""Point-to-point tag of the latent regions the last stage sends in ``denoise`` (activations
+between stages use the default tag 0)."""
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -112,18 +134,22 @@ class StagePeers:
     """Global rank of each stage, in stage order."""
     stage: int
     """This rank's stage."""
+    other_axes: tuple[str, ...] = ()
+    """Mesh axes besides pipefusion with a degree above 1 (collectives inside the stages)."""
 
     @classmethod
     def of(cls, mesh: Mesh, device: torch.device) -> StagePeers:
+        other_axes = tuple(a for a, d in mesh.degrees.items() if d > 1 and a != "pipefusion")
         if mesh.pipefusion == 1:
             # one stage: the patches run one after another on this device
-            return cls(group=None, group_name="", ranks=(0,), stage=0)
+            return cls(group=None, group_name="", ranks=(0,), stage=0, other_axes=other_axes)
         from torch.distributed.distributed_c10d import _resolve_process_group
 
         axis = mesh.axis_groups(device)["pipefusion"]
         me = mesh.coordinates(dist.get_rank())
         ranks = tuple(mesh.rank_of({**me, "pipefusion": i}) for i in range(axis.size))
-        return cls(group=_resolve_process_group(axis.group_name), group_name=axis.group_name, ranks=ranks, stage=axis.rank)
+        return cls(group=_resolve_process_group(axis.group_name), group_name=axis.group_name, ranks=ranks,
+                   stage=axis.rank, other_axes=other_axes)
 
 
 class PipeFusionProgram:
@@ -160,6 +186,15 @@ class PipeFusionProgram:
         self.steps = 0
         self.slots: dict[int, _Slot] = {}
         self.counts = {"exact": 0, "pipelined": 0}
+        self.loops = {"across_steps": 0, "step_by_step": 0}
+        """``denoise`` generations by how they ran (the pipeline full across steps, or not)."""
+        self._checked_regions: tuple[torch.Tensor, bool, bool] | None = None
+        """The latent regions of the last ``denoise``, whether the prologue acts per region and
+        whether this stage's graphs read no latent (the costly check, patch graph runs, is made
+        once per regions)."""
+        self._latent_free = False
+        """This stage's graphs read nothing of the latent (a later stage): in ``denoise`` its
+        prologue runs once per step and it waits for no latent region."""
         self.pab = pab
         """PAB over the stage graphs, or None."""
 
@@ -303,6 +338,8 @@ class PipeFusionProgram:
             n_out = len(outs) - 2 * len(graph.cache_sites)
             slot.kv = [t.contiguous() for t in outs[n_out:]]
             stage_out = outs[:n_out]
+            if last:
+                slot.body_out = stage_out
             if not last:
                 self.step = self._send_step
                 self._isend(stage_out, pending)
@@ -337,6 +374,225 @@ class PipeFusionProgram:
         for _, work in pending:
             work.wait()
         leaves = self._broadcast_outputs(leaves, device)
+        return self._unflatten(leaves)
+
+    # -- a whole generation, the pipeline full across steps ----------------------------------
+    def denoise(
+        self,
+        inputs: dict[str, Any],
+        latent_arg: str,
+        timesteps: Sequence[Any],
+        update: Callable[[int, torch.Tensor, Any], torch.Tensor],
+    ) -> torch.Tensor:
+        """The final latent of the loop ``x = update(s, x, model(latent_arg=x, timestep=t_s))``.
+
+        The first ``warmup_steps`` steps (at least one, which fills the K/V caches) run as
+        calls; the others run with the pipeline full across steps (module docstring). Every
+        rank returns the full final latent. Starts a new generation (like ``reset()``).
+        """
+        self.reset()
+        try:
+            return self._denoise(inputs, latent_arg, timesteps, update)
+        finally:
+            self.tracker.reset()  # the generation is over: the next call starts a new one
+
+    def _denoise(
+        self, inputs: dict[str, Any], latent_arg: str, timesteps: Sequence[Any], update: Callable
+    ) -> torch.Tensor:
+        x = inputs[latent_arg]
+        steps = len(timesteps)
+        warm = min(steps, max(1, self.config.warmup_steps))
+        for s in range(warm):
+            x = update(s, x, self({**inputs, latent_arg: x, "timestep": timesteps[s]}))
+        if warm == steps:
+            return x
+        slot = self.slots[0]
+        regions = self._latent_regions({**inputs, latent_arg: x, "timestep": timesteps[warm]}, latent_arg, slot, update, warm)
+        self.loops["step_by_step" if regions is None else "across_steps"] += 1
+        if regions is None:
+            for s in range(warm, steps):
+                x = update(s, x, self({**inputs, latent_arg: x, "timestep": timesteps[s]}))
+            return x
+        return self._across_steps(inputs, latent_arg, timesteps, update, warm, slot, x, regions)
+
+    def _latent_regions(
+        self, inputs: dict[str, Any], latent_arg: str, slot: _Slot, update: Callable, step: int
+    ) -> list[torch.Tensor] | None:
+        """Per patch, the mask of the latent elements it feeds and updates; None (with a
+        warning, on every rank) when the loop cannot run across steps.
+
+        The last stage finds the masks: patch i's body outputs set to NaN, the epilogue and
+        ``update`` mark the elements that patch updates; they must be disjoint and cover the
+        latent, and ``update`` on a latent that is NaN outside mask i must be finite inside it.
+        Every stage then checks that its patch graph i, on a latent that is NaN outside mask i,
+        gives finite outputs (the prologue acts per patch).
+        """
+        why = None
+        if self.pab is not None:
+            why = "PAB decides per call"
+        elif self.peers.other_axes:
+            why = f"mesh axes {', '.join(self.peers.other_axes)} besides pipefusion"
+        elif not self.graphs.patches:
+            why = "the patch rewrite is disabled"
+        if why is not None:
+            log.warning("PipeFusion runs the loop step by step (%s)", why)
+            return None
+        x = inputs[latent_arg]
+        first, last = self.stage == 0, self.stage == self.stages - 1
+        g = self.graphs
+        region = torch.full(x.shape, -1, dtype=torch.int64, device=x.device)
+        if last:
+            flat = list(fx_pytree.tree_flatten_spec(([], dict(inputs)), self.in_spec))
+            prepared = list(self._prepare(*flat))
+            post_prepared = prepared[len(prepared) - g.post_prepared :] if g.post_prepared else []
+            extent, start = self.figures["extent"], 0
+            for i, pg in enumerate(g.patches):
+                length = self.figures["sizes"][i]
+                probe = [t.clone() if isinstance(t, torch.Tensor) else t for t in slot.body_out]
+                out_node = next(n for n in reversed(pg.gm.graph.nodes) if n.op == "output")
+                for k, (value, pd) in enumerate(zip(out_node.args[0], pg.output_dims)):
+                    if isinstance(pd, PatchDim) and probe[k].is_floating_point():
+                        nan = torch.full(tuple(value.meta["val"].shape), float("nan"), dtype=probe[k].dtype, device=x.device)
+                        write_patch(probe[k], nan, pd, extent, start, length)
+                start += length
+                out = self._unflatten(list(self._post(*probe, *post_prepared)))
+                marked = torch.isnan(update(step, x, out)) & ~torch.isnan(x)
+                overlap = marked & (region >= 0)
+                region[marked] = i
+                if overlap.any() or not marked.any():
+                    region.fill_(-2)  # not a partition
+                    break
+            if (region == -1).any():
+                region.fill_(-2)
+            if not bool((region < 0).any()):
+                # ... and a region's update must read the latent inside that region only
+                out = self._unflatten(list(self._post(*slot.body_out, *post_prepared)))
+                for i in range(len(g.patches)):
+                    inside = region == i
+                    if torch.isnan(update(step, x.masked_fill(~inside, float("nan")), out)[inside]).any():
+                        region.fill_(-2)
+                        break
+        if self.stages > 1:
+            dist.broadcast(region, src=self.peers.ranks[-1], group=self.peers.group)
+        ok = not bool((region < 0).any())
+        masks = [region == i for i in range(len(g.patches))] if ok else []
+        checked = self._checked_regions
+        latent_free = not first
+        if ok and checked is not None and checked[0].shape == region.shape and torch.equal(checked[0], region):
+            ok, latent_free = checked[1], checked[2]  # checked for these regions (the same verdict on every rank)
+        elif ok:
+            # the prologue: patch i's graph must not read the latent outside mask i; a later
+            # stage whose graphs read no latent at all runs the prologue once per step
+            for i, pg in enumerate(g.patches):
+                acts = [] if first else [torch.zeros(shape, dtype=dtype, device=x.device) for shape, dtype in self._recv_specs(pg)]
+                probes = [x.masked_fill(~masks[i], float("nan"))]
+                if latent_free:
+                    probes.insert(0, torch.full_like(x, float("nan")))
+                for probe_x in probes:
+                    flat = list(fx_pytree.tree_flatten_spec(([], {**inputs, latent_arg: probe_x}), self.in_spec))
+                    prepared = list(self._prepare(*flat))
+                    body_prepared = prepared[: len(prepared) - g.post_prepared]
+                    outs = self._stage_runs[patch_key(i)](*acts, *body_prepared, *slot.kv)
+                    finite = not any(isinstance(t, torch.Tensor) and t.is_floating_point() and torch.isnan(t).any()
+                                     for t in outs)
+                    if finite:
+                        break  # the first probe reads nothing of the latent: the second holds too
+                    if probe_x is probes[0] and len(probes) == 2:
+                        latent_free = False
+                    else:
+                        ok = False
+                if not ok:
+                    break
+            if self.stages > 1:
+                flag = torch.tensor([1 if ok else 0], dtype=torch.int64)
+                dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.peers.group)
+                ok = bool(flag.item())
+            self._checked_regions = (region, ok, latent_free)
+        if not ok:
+            log.warning(
+                "PipeFusion runs the loop step by step: the update or the model's prologue/epilogue do not act "
+                "per patch of the latent (each patch's region must be disjoint and its own inputs only)"
+            )
+            return None
+        self._latent_free = latent_free
+        return masks
+
+    def _across_steps(
+        self, inputs: dict[str, Any], latent_arg: str, timesteps: Sequence[Any], update: Callable,
+        warm: int, slot: _Slot, x: torch.Tensor, masks: list[torch.Tensor],
+    ) -> torch.Tensor:
+        """Steps ``warm..`` with the pipeline full across steps (``denoise``)."""
+        g = self.graphs
+        first, last = self.stage == 0, self.stage == self.stages - 1
+        x = x.clone()
+        device = x.device
+        others = [r for r in self.peers.ranks if r != self.peers.ranks[-1]]
+        extent = self.figures["extent"]
+        starts = [sum(self.figures["sizes"][:i]) for i in range(len(g.patches))]
+        pending: list = []
+        older: list = []  # sends of the step before: waited at the end of this one
+        regions_in: list = []  # this rank's receives of the next step's latent regions
+        steps = len(timesteps)
+        for s in range(warm, steps):
+            self.counts["pipelined"] += 1
+            self.steps += 1
+            received = []
+            if not first:
+                received = [self._irecv(self._recv_specs(pg), device) for pg in g.patches]
+            next_regions = []
+            if not last and s + 1 < steps:
+                # sent by the last stage while it finishes this step
+                src = self.peers.ranks[-1]
+                for m in masks:
+                    buf = torch.empty(int(m.sum()), dtype=x.dtype, device=device)
+                    next_regions.append((buf, dist.irecv(buf, src=src, group=self.peers.group, tag=REGION_TAG)))
+            step_inputs = {**inputs, "timestep": timesteps[s]}
+            prepared = None
+            for i, pg in enumerate(g.patches):
+                if regions_in and not self._latent_free:
+                    x[masks[i]] = self._wait(*regions_in[i])
+                if prepared is None or not self._latent_free:
+                    flat = list(fx_pytree.tree_flatten_spec(([], {**step_inputs, latent_arg: x}), self.in_spec))
+                    self.step = self._steps["prepare"]
+                    prepared = list(self._prepare(*flat))
+                post_prepared = prepared[len(prepared) - g.post_prepared :] if g.post_prepared else []
+                body_prepared = prepared[: len(prepared) - g.post_prepared]
+                acts = [self._wait(b, w) for b, w in received[i]] if not first else []
+                outs = self._run_stage_graph(patch_key(i), pg, None, [*acts, *body_prepared, *slot.kv])
+                n_out = len(outs) - 2 * len(pg.cache_sites)
+                slot.kv = outs[n_out:]
+                stage_out = outs[:n_out]
+                if not last:
+                    self.step = self._send_step
+                    self._isend(stage_out, pending)
+                    continue
+                slot.body_out = self._assemble(slot.body_out, stage_out, pg.output_dims, g.exact, extent,
+                                               starts[i], self.figures["sizes"][i])
+                self.step = self._steps["post"]
+                out = self._unflatten(list(self._post(*slot.body_out, *post_prepared)))
+                fresh = update(s, x, out)[masks[i]]
+                x[masks[i]] = fresh
+                if s + 1 < steps:
+                    self.step = self._send_step
+                    for dst in others:
+                        pending.append((fresh, dist.isend(fresh, dst=dst, group=self.peers.group, tag=REGION_TAG)))
+            if regions_in and self._latent_free:
+                for i, (buf, work) in enumerate(regions_in):
+                    x[masks[i]] = self._wait(buf, work)
+            regions_in = next_regions
+            # their receivers posted them a step ago: this frees the buffers without a drain
+            self.step = self._send_step
+            for _, work in older:
+                work.wait()
+            older, pending = pending, []
+        for _, work in older:
+            work.wait()
+        if self.stages > 1:
+            self.step = self._broadcast_step
+            dist.broadcast(x, src=self.peers.ranks[-1], group=self.peers.group)
+        return x
+
+    def _unflatten(self, leaves: list[Any]) -> Any:
         if self.out_spec is not None:
             return pytree.tree_unflatten(leaves, self.out_spec)
         return tuple(leaves)
@@ -421,6 +677,9 @@ class PipeFusionProgram:
             "pipefusion calls": f"exact {self.counts['exact']}, pipelined {self.counts['pipelined']}; "
             f"K/V cache {self.cache_bytes() * mib:.2f} MiB",
         }
+        if any(self.loops.values()):
+            lines["pipefusion denoise"] = (f"{self.loops['across_steps']} generation(s) with the pipeline full across "
+                                           f"steps, {self.loops['step_by_step']} step by step")
         if self.pab is not None:
             lines.update(self.pab.summary())
         runners = [self._prepare, *self._stage_runs.values()] + ([self._post] if self._post is not None else [])

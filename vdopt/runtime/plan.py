@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Protocol
 
+from vdopt.guards import Guards
 from vdopt.passes.analysis.sites import AttentionSite, VideoLayout
 from vdopt.passes.runner import PassRecord
 from vdopt.runtime.failures import Step
@@ -43,3 +44,6 @@ class Plan:
     """Seconds spent in analysis and passes."""
     program: Program
     """Runs the calls."""
+    guards: Guards | None = None
+    """Data-dependent values the graphs are specialized on; ``None``: valid for every call of
+    the signature. A plan whose guards fail for a call is not run: the model is captured again."""

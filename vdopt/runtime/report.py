@@ -56,6 +56,9 @@ def render_plan(plan: "Plan") -> str:
     summary = plan.program.summary()
     for key, value in summary.items():
         out.append(f"{key}: {value}")
+    if plan.guards is not None:
+        out.append(f"specialized on data-dependent values: {plan.guards.describe()} "
+                   "(checked on every call; captured again when they fail)")
     out.append(f"capture {plan.capture_s:.2f} s, analysis and passes {plan.passes_s:.2f} s")
     return "\n".join(out)
 
@@ -64,7 +67,9 @@ def render_report(model_name: str, mesh: "Mesh", plans: list["Plan"]) -> str:
     head = f"vdopt plan for {model_name} on Mesh({mesh.describe()})"
     if not plans:
         return head + "\n(no call yet: the graph is captured on the first call)"
-    parts = [head]
+    capture_s = sum(p.capture_s for p in plans)
+    passes_s = sum(p.passes_s for p in plans)
+    parts = [head, f"captures: {len(plans)} (capture {capture_s:.2f} s, analysis and passes {passes_s:.2f} s in all)"]
     for i, plan in enumerate(plans, 1):
         parts.append(f"\n== signature {i} ==\n" + render_plan(plan))
     return "\n".join(parts)
