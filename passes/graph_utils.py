@@ -103,3 +103,16 @@ def _same_layout(a: Any, b: Any) -> bool:
         or (isinstance(y, torch.Tensor) and x.shape == y.shape and x.dtype == y.dtype and x.stride() == y.stride())
         for x, y in zip(leaves_a, leaves_b)
     )
+
+
+def ancestors(nodes: list[torch.fx.Node]) -> set[torch.fx.Node]:
+    """``nodes`` and every node they are computed from."""
+    seen: set[torch.fx.Node] = set()
+    stack = list(nodes)
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+    return seen

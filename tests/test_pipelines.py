@@ -121,6 +121,9 @@ def _two_rank_cases(rank: int, world: int, seed: int) -> dict:
         # cond and uncond batched in one call: the batch is split
         "cogvideox-cfg2": lambda: _pipeline_case("cogvideox", cfg, steps=2, seed=seed),
         "ltx-cfg2": lambda: _pipeline_case("ltx", cfg, steps=2, seed=seed),
+        # packed latents (no patch-embedding convolution): the token dim comes from the graph
+        "ltx-ulysses2": lambda: _pipeline_case("ltx", vdopt.Mesh(ulysses=2), steps=2, seed=seed),
+        "ltx-ring2": lambda: _pipeline_case("ltx", vdopt.Mesh(ring=2), steps=2, seed=seed),
         "miss": lambda: _miss_case(wan["model"], wan["optimized"], seed),
     }
     return {key: case() for key, case in cases.items()}
@@ -163,6 +166,13 @@ def test_cfg2_splits_a_batched_cond_uncond_call(two_ranks, key):
         assert got["err"] <= 1e-5, got["err"]
         stats = got["stats"]["transformer"]
         assert stats["split"] == 4 and stats["paired"] == stats["serial"] == 0, stats  # 2 steps x 2 generations
+
+
+@pytest.mark.parametrize("key, collective", [("ltx-ulysses2", "ulysses: all_to_all"), ("ltx-ring2", "ring: p2p")])
+def test_sequence_parallel_in_the_unchanged_ltx_pipeline(two_ranks, key, collective):
+    for got in _case(two_ranks, key):
+        assert got["err"] <= 1e-5, got["err"]
+        assert collective in got["report"]  # the self-attention really is split, not gathered
 
 
 def test_a_wrong_speculation_is_computed_again(two_ranks):

@@ -178,5 +178,7 @@ def test_cli_prints_the_ranked_table(capsys, tmp_path):
     assert data["candidates"] and data["degrees"] == data["candidates"][0]["degrees"]
     # Latte is spatial-temporal: DSP is costed
     assert any(c["degrees"]["dsp"] == 2 for c in data["candidates"])
+    # the default batch is a CFG step's cond/uncond pair: cfg=2 is costed
+    assert any(c["degrees"]["cfg"] == 2 for c in data["candidates"])
     assert main(["plan", "latte", "--size", "tiny", "--world", "2", "--device", "nope"]) == 1
     assert "unknown device 'nope'" in capsys.readouterr().err

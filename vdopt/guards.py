@@ -23,6 +23,8 @@ import torch
 import torch.fx
 from torch.utils import _pytree as pytree
 
+from vdopt.passes.graph_utils import ancestors
+
 log = logging.getLogger(__name__)
 
 aten = torch.ops.aten
@@ -67,14 +69,7 @@ def _condition_text(node: torch.fx.Node) -> str:
 
 def _guard_graph(gm: torch.fx.GraphModule, conditions: list[torch.fx.Node]) -> torch.fx.GraphModule:
     """The slice of ``gm`` that computes ``conditions``, with ``gm``'s call signature."""
-    needed: set[torch.fx.Node] = set()
-    stack = list(conditions)
-    while stack:
-        n = stack.pop()
-        if n in needed:
-            continue
-        needed.add(n)
-        stack.extend(n.all_input_nodes)
+    needed = ancestors(conditions)
     graph = torch.fx.Graph()
     env: dict[torch.fx.Node, torch.fx.Node] = {}
     for n in gm.graph.nodes:

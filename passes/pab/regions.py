@@ -21,6 +21,7 @@ import torch.fx
 
 from vdopt import meta
 from vdopt.passes.analysis.sites import AttentionSite
+from vdopt.passes.graph_utils import ancestors
 
 log = logging.getLogger(__name__)
 
@@ -222,19 +223,6 @@ def find_pab_regions(
     if mlp:
         regions += find_feedforward_regions(graph, side_outputs)
     return regions, skipped
-
-
-def ancestors(nodes: list[torch.fx.Node]) -> set[torch.fx.Node]:
-    """``nodes`` and every node they are computed from."""
-    seen: set[torch.fx.Node] = set()
-    stack = list(nodes)
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        stack.extend(n.all_input_nodes)
-    return seen
 
 
 

@@ -24,7 +24,8 @@ import torch.fx
 
 from vdopt import meta
 from vdopt.passes.base import PassContext, PassResult
-from vdopt.passes.pab.regions import PABRegion, ancestors, count_compute
+from vdopt.passes.graph_utils import ancestors
+from vdopt.passes.pab.regions import PABRegion, count_compute
 
 aten = torch.ops.aten
 

@@ -24,7 +24,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pab", action="store_true", help="cost calls with the zoo model's Pyramid Attention Broadcast settings")
     p.add_argument("--size", default="full", choices=("tiny", "full"),
                    help="zoo configuration (default full: the published model, on the meta device)")
-    for flag, text in {"batch": "batch (2: a batched cond/uncond pair, needed for cfg=2)", "frames": "video frames",
+    p.add_argument("--batch", type=int, default=2,
+                   help="batch of one call (default 2: a CFG step's cond/uncond pair, which cfg=2 splits; "
+                        "vdopt.optimize(pipe) pairs a pipeline's separate cond and uncond calls the same way); "
+                        "1 for a model run without CFG")
+    for flag, text in {"frames": "video frames",
                        "height": "video height in pixels", "width": "video width in pixels",
                        "text-len": "prompt length in text tokens"}.items():
         p.add_argument(f"--{flag}", type=int, help=text + " (default: the configuration's)")

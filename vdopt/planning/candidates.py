@@ -58,7 +58,8 @@ def why_not(
         return f"cfg={cfg}: CFG parallel splits a cond/uncond pair (at most 2)"
     batch = layout.batch if layout is not None else None
     if cfg == 2 and (batch is None or batch % 2):
-        return f"cfg=2 needs the cond/uncond pair in one call (batch 2); this call has batch {batch}"
+        return (f"cfg=2 needs the cond/uncond pair (batch 2); this call has batch {batch} (plan a CFG step's "
+                "pair with batch 2: vdopt.optimize(pipe) pairs a pipeline's separate cond and uncond calls)")
     if dsp > 1 and (ulysses > 1 or ring > 1):
         return "dsp replaces ulysses and ring: use it alone"
     kinds = {s.kind for s in sites}
