@@ -309,8 +309,6 @@ EXPECTED_ROWS: dict[str, dict[str, str]] = {
     "SanaWMTransformer3DModel": {ALL: _INPUTS + "world model: timestep per frame (B, 1, T) and a text padding mask"},
     "WanAnimateTransformer3DModel": {ALL: _INPUTS + "forward needs pose latents and face pixel values"},
     "SanaVideoTransformer3DModel": {"pab": _PAB_LINEAR, "ulysses2": _SP_LINEAR, "ring2": _SP_LINEAR},
-    "FluxTransformer2DModel": {"save_load": "save/load: AOTInductor's CPU code differs from eager by ~1e-4 relative "
-                               "(torch.compile of the plain model too, 8e-5): Inductor numerics, not a vdopt pass"},
     "SanaTransformer2DModel": {"pab": _PAB_LINEAR, "ulysses2": _SP_LINEAR, "ring2": _SP_LINEAR},
 }
 """Per class, the cells expected to fail and why (``"*"``: every cell); absent cells pass."""

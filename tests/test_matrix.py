@@ -3,7 +3,7 @@
 Rows come from ``model_matrix.matrix_classes()`` (enumerated from diffusers' pipelines, no
 hand list); each cell is one test, its expected outcome declared in ``model_matrix.EXPECTED``
 (a reason makes it a strict xfail). Exact strategies must equal eager PyTorch to 1e-5
-relative in float32, on every rank. The three 2-rank cells of a model (``ulysses=2``,
+relative in float32, on every rank (save/load, compiled by AOTInductor, to ``RTOL_INDUCTOR``). The three 2-rank cells of a model (``ulysses=2``,
 ``ring=2``, ``cfg=2`` with batch 2) share one gloo launch; PAB runs on one device against
 diffusers' own ``apply_pyramid_attention_broadcast``; save/load (AOTInductor) runs for
 ``model_matrix.SAVE_LOAD`` only and is skipped, not passed, elsewhere (compile time budget).
@@ -28,6 +28,10 @@ import model_matrix as mm
 from multirank import run_on_ranks
 
 RTOL = 1e-5
+RTOL_INDUCTOR = 1e-3
+"""Save/load runs AOTInductor code, which reorders float32 reductions and fuses differently from
+eager: ~1e-4 relative on the deeper models (``torch.compile`` of the unoptimized model too) and
+seed-dependent, so 1e-5 would flake. A wrong graph is off by O(1), far above this."""
 ROOT = Path(__file__).resolve().parents[1]
 PAB_TIMESTEPS = (900.0, 700.0, 500.0, 300.0)
 
@@ -151,7 +155,7 @@ def _save_load_cell(name: str, seed: int, tmp_path: Path) -> None:
     loaded = vdopt.load(tmp_path / "artifact")
     with torch.no_grad():
         out = _first(loaded(*args, **kwargs))
-    assert rel_err(out, ref) <= RTOL
+    assert rel_err(out, ref) <= RTOL_INDUCTOR, f"loaded artifact: relative error {rel_err(out, ref):.2e}"
 
 
 def _params():
@@ -200,7 +204,6 @@ def test_readme_table_matches_matrix() -> None:
     """The support table in the README is the one rendered from the matrix declarations."""
     readme = (ROOT / "README.md").read_text()
     begin, end = "<!-- support-matrix:begin -->", "<!-- support-matrix:end -->"
-    if begin not in readme:
-        pytest.xfail("README has no support-matrix block yet (the lead merges it)")
+    assert begin in readme and end in readme, f"README.md lost its {begin} ... {end} block"
     block = readme.split(begin, 1)[1].split(end, 1)[0].strip()
     assert block == mm.support_table().strip()
