@@ -12,6 +12,11 @@ reference on a slice of heads and query rows (all keys). Results go to ``--out``
 ``./vdopt-results``) as ``attention.json`` and ``attention.png`` with device, versions and date.
 Each shape row also keeps reference figures measured on an H100 (``anchor``).
 
+``--fp8`` adds vdopt's approximate fp8 kernel (``kernels="fp8"``; Hopper and newer): ``vdopt_fp8``
+(Q, K, P and V in e4m3, what ``kernels="fp8"`` runs) and ``vdopt_fp8_qk`` (Q and K in e4m3,
+P @ V in bf16), with SageAttention 1's H100 figures (``anchor["sage"]``) as the bar.
+``--backends`` and ``--only`` (comma-separated) narrow the run (the gpu-check's fp8 stage).
+
 Inputs are (B, S, N, D) tensors viewed as (B, N, S, D), the layout the models produce.
 ``--smoke`` shrinks every shape, runs on CPU (SDPA's math backend stands in for the GPU
 backends) and writes ``attention_smoke.*``, so CPU timings are never mistaken for GPU numbers.
@@ -67,14 +72,14 @@ class Shape:
 
 
 ANCHOR_SHAPES = [
-    Shape(1, 40, 32760, 32760, 128, "Wan2.1-14B 480p self", {"cudnn": 579, "flash": 320, "fa4": 689}),
-    Shape(1, 12, 32760, 32760, 128, "Wan2.1-1.3B 480p self", {"cudnn": 568, "flash": 353, "fa4": 677}),
-    Shape(1, 24, 67576, 67576, 128, "HunyuanVideo 544p joint", {"cudnn": 563, "flash": 363, "fa4": 694}),
-    Shape(1, 48, 17776, 17776, 64, "CogVideoX-5B 49f joint", {"cudnn": 418, "flash": 321, "fa4": 531}),
-    Shape(1, 40, 32760, 512, 128, "Wan cross-attention to text", {"cudnn": 498, "flash": 306, "fa4": 376}),
-    Shape(32, 16, 1024, 1024, 72, "Latte 512px spatial (CFG)", {"cudnn": 309, "flash": 203, "fa4": 238}),
-    Shape(60, 16, 3600, 3600, 72, "Open-Sora 1.2 720p spatial", {"cudnn": 308, "flash": 233, "fa4": 412}),
-    Shape(2048, 16, 16, 16, 72, "Latte temporal (16 frames)", {"cudnn_ms": 0.71, "flash_ms": 0.62, "fa4_ms": 1.53}),
+    Shape(1, 40, 32760, 32760, 128, "Wan2.1-14B 480p self", {"cudnn": 579, "flash": 320, "fa4": 689, "sage": 445}),
+    Shape(1, 12, 32760, 32760, 128, "Wan2.1-1.3B 480p self", {"cudnn": 568, "flash": 353, "fa4": 677, "sage": 428}),
+    Shape(1, 24, 67576, 67576, 128, "HunyuanVideo 544p joint", {"cudnn": 563, "flash": 363, "fa4": 694, "sage": 455}),
+    Shape(1, 48, 17776, 17776, 64, "CogVideoX-5B 49f joint", {"cudnn": 418, "flash": 321, "fa4": 531, "sage": 393}),
+    Shape(1, 40, 32760, 512, 128, "Wan cross-attention to text", {"cudnn": 498, "flash": 306, "fa4": 376, "sage": 258}),
+    Shape(32, 16, 1024, 1024, 72, "Latte 512px spatial (CFG)", {"cudnn": 309, "flash": 203, "fa4": 238, "sage": 92}),
+    Shape(60, 16, 3600, 3600, 72, "Open-Sora 1.2 720p spatial", {"cudnn": 308, "flash": 233, "fa4": 412, "sage": 175}),
+    Shape(2048, 16, 16, 16, 72, "Latte temporal (16 frames)", {"cudnn_ms": 0.71, "flash_ms": 0.62, "fa4_ms": 1.53, "sage_ms": 2.16}),
     Shape(7200, 16, 30, 30, 72, "Open-Sora 720p temporal", {"cudnn_ms": 2.44, "flash_ms": 2.21, "fa4_ms": 4.74}),
 ]
 
@@ -91,8 +96,8 @@ def make_inputs(shape: Shape, dtype, device, seed: int = 0):
     return one(shape.q_len), one(shape.kv_len), one(shape.kv_len)
 
 
-def backends(device: str) -> dict[str, Callable]:
-    """name -> fn(q, k, v) -> out, for the backends this machine has."""
+def backends(device: str, *, fp8: bool = False) -> dict[str, Callable]:
+    """name -> fn(q, k, v) -> out, for the backends this machine has (``fp8``: vdopt's fp8 too)."""
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -109,6 +114,19 @@ def backends(device: str) -> dict[str, Callable]:
         return run
 
     found = {"vdopt": ours}
+    if fp8:
+        from vdopt.kernels.dispatch import attention_fp8_forward
+        from vdopt.kernels.fp8_attention import check_fp8_device, fp8_attention
+
+        def ours_fp8(q, k, v):  # what kernels="fp8" runs (a ValueError on GPUs without fp8)
+            return attention_fp8_forward(q, k, v, q.shape[-1] ** -0.5)[0]
+
+        def ours_fp8_qk(q, k, v):
+            check_fp8_device(q.device)
+            return fp8_attention(q, k, v, q.shape[-1] ** -0.5, pv="native")[0]
+
+        found["vdopt_fp8"] = ours_fp8
+        found["vdopt_fp8_qk"] = ours_fp8_qk
     if device == "cuda":
         found["sdpa_cudnn"] = sdpa_with(SDPBackend.CUDNN_ATTENTION)
         found["sdpa_flash"] = sdpa_with(SDPBackend.FLASH_ATTENTION)
@@ -163,11 +181,14 @@ def relative_error(out, q, k, v, max_heads: int = 2, max_rows: int = 1024) -> fl
     return ((got - ref).norm() / ref.norm()).item()
 
 
-def measure(shapes: list[Shape], device: str, dtype, reps: int) -> list[dict]:
+def measure(shapes: list[Shape], device: str, dtype, reps: int, *, fp8: bool = False,
+            only_backends: list[str] | None = None) -> list[dict]:
     import torch
 
     rows = []
-    available = backends(device)
+    available = backends(device, fp8=fp8)
+    if only_backends is not None:
+        available = {name: fn for name, fn in available.items() if name in only_backends}
     for shape in shapes:
         q, k, v = make_inputs(shape, dtype, device)
         row = {**dataclasses.asdict(shape), "results": {}}
@@ -242,7 +263,10 @@ def main(argv: list[str] | None = None) -> int:
     harness.add_out_argument(parser)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                         help="dtype of Q, K and V on the GPU (default bfloat16; CPU smoke runs use float32)")
-    parser.add_argument("--only", default=None, help="run only the shapes whose model name contains this text")
+    parser.add_argument("--only", default=None,
+                        help="run only the shapes whose model name contains this text (comma-separated: any of them)")
+    parser.add_argument("--fp8", action="store_true", help="also time vdopt's fp8 kernels (compute capability 8.9+)")
+    parser.add_argument("--backends", default=None, help="comma-separated backends to time (default: every one found)")
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions per backend on the CPU (default 5)")
     args = parser.parse_args(argv)
     harness.configure_logging()
@@ -256,12 +280,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("no CUDA device: run with --smoke for the CPU toy version")
     # The interpreter has no bf16 dot (triton-lang/triton#11584): CPU smoke runs use fp32.
     dtype = torch.float32 if args.smoke else getattr(torch, args.dtype)
-    shapes = [s for s in ANCHOR_SHAPES if args.only is None or args.only.lower() in s.model.lower()]
+    wanted = None if args.only is None else [w.strip().lower() for w in args.only.split(",")]
+    shapes = [s for s in ANCHOR_SHAPES if wanted is None or any(w in s.model.lower() for w in wanted)]
     if args.smoke:
         shapes = [s.shrunk() for s in shapes]
 
     stem = "attention_smoke" if args.smoke else "attention"
-    rows = measure(shapes, device, dtype, args.reps)
+    rows = measure(shapes, device, dtype, args.reps, fp8=args.fp8,
+                   only_backends=None if args.backends is None else [b.strip() for b in args.backends.split(",")])
     env = environment(device)
     report = {"environment": env, "dtype": str(dtype).removeprefix("torch."), "smoke": args.smoke, "shapes": rows}
     versions = env["versions"]
@@ -274,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
         plot(report["shapes"], path, title, bandwidth_ceiling=None if args.smoke else 3000.0)
 
     harness.write_results(args.out, stem, report, plot=draw)
-    failed = [(r["model"], n) for r in rows for n, res in r["results"].items() if "error" in res and n == "vdopt"]
+    failed = [(r["model"], n) for r in rows for n, res in r["results"].items()
+              if "error" in res and n.startswith("vdopt")]
     return 1 if failed else 0
 
 

@@ -61,55 +61,40 @@ def _batched_generate(fn, cfg, latents, prompt, negative):
     return time.perf_counter() - start, x
 
 
-def _rank(rank: int, world: int, port: int, cfg: workload.BenchConfig, repeats: int, queue) -> None:
-    import datetime
-    import os
-
+def _rank(rank: int, world: int, cfg: workload.BenchConfig, repeats: int) -> dict:
     import torch
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
-    try:
-        import vdopt
-        from vdopt.api import optimize_denoiser
-        from vdopt.passes.parallel.cfg_parallel import CFGParallel
+    import vdopt
+    from vdopt.api import optimize_denoiser
+    from vdopt.passes.parallel.cfg_parallel import CFGParallel
 
-        model, latents, prompt, negative = workload.build(cfg)
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=600))
-        mesh = vdopt.Mesh(cfg=2)
-        times = {name: [] for name in METHODS}
-        # cfg_parallel off: every rank runs each call whole, alone (one device's work, vdopt's graph)
-        fns = {"one_device": vdopt.optimize(model, mesh, disable_passes=(CFGParallel.name,)),
-               "batch_split": vdopt.optimize(model, mesh),
-               "pairing": optimize_denoiser(model, mesh, dict(disable_passes=()))}
+    model, latents, prompt, negative = workload.build(cfg)
+    mesh = vdopt.Mesh(cfg=2)
+    times = {name: [] for name in METHODS}
+    # cfg_parallel off: every rank runs each call whole, alone (one device's work, vdopt's graph)
+    fns = {"one_device": vdopt.optimize(model, mesh, disable_passes=(CFGParallel.name,)),
+           "batch_split": vdopt.optimize(model, mesh),
+           "pairing": optimize_denoiser(model, mesh, dict(disable_passes=()))}
 
-        def run(name):
-            fn = fns[name]
-            fn.reset()
-            dist.barrier()
-            if name == "batch_split":
-                seconds, x = _batched_generate(fn, cfg, latents, prompt, negative)
-            else:
-                seconds, _, x = workload.generate(fn, cfg, latents, prompt, negative, {}, lambda: None)
-            slowest = torch.tensor([seconds])
-            dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-            return float(slowest), x
+    def run(name):
+        fn = fns[name]
+        fn.reset()
+        dist.barrier()
+        if name == "batch_split":
+            seconds, x = _batched_generate(fn, cfg, latents, prompt, negative)
+        else:
+            seconds, _, x = workload.generate(fn, cfg, latents, prompt, negative, {}, lambda: None)
+        slowest = torch.tensor([seconds])
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+        return float(slowest), x
 
-        finals = {name: run(name)[1] for name in fns}  # warm-up: captures
-        for _ in range(repeats):
-            for name in fns:
-                times[name].append(run(name)[0])
-        errors = {name: harness.relative_error(finals[name], finals["one_device"]) for name in METHODS}
-        stats = vars(fns["pairing"].stats)
-        queue.put((rank, {"times": times, "errors": errors, "pairing_stats": stats}))
-    except BaseException:  # the parent reports it
-        import traceback
-
-        queue.put((rank, {"error": traceback.format_exc()}))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    finals = {name: run(name)[1] for name in fns}  # warm-up: captures
+    for _ in range(repeats):
+        for name in fns:
+            times[name].append(run(name)[0])
+    errors = {name: harness.relative_error(finals[name], finals["one_device"]) for name in METHODS}
+    return {"times": times, "errors": errors, "pairing_stats": vars(fns["pairing"].stats)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,23 +109,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     harness.configure_logging()
 
-    import torch.multiprocessing as mp
+    from vdopt.runtime.local_ranks import run_local_ranks
 
     cfg = workload.BenchConfig(layers=args.layers, frames=args.frames, height=args.height, width=args.width,
                                steps=args.steps)
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = harness.free_port()
-    procs = [ctx.Process(target=_rank, args=(r, 2, port, cfg, args.repeats, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = dict(queue.get(timeout=3600) for _ in procs)
-    for p in procs:
-        p.join()
-    failed = [r["error"] for r in results.values() if "error" in r]
-    if failed:
-        raise RuntimeError("a rank failed:\n" + failed[0])
-    got = results[0]
+    got = run_local_ranks(2, _rank, cfg, args.repeats, backend="gloo", timeout=3600, pg_timeout=600)[0]
     rows = {name: harness.summary(got["times"][name]) for name in METHODS}
     base = rows["one_device"]["seconds"]
     for name, row in rows.items():

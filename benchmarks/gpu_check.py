@@ -21,6 +21,11 @@ Stages, in order (most telling first, so a tight budget cuts the least telling):
                                   ``optimize``, an all-reduce (gloo on the CPU)
 ``attention``                     ``attention.py``: our kernels, SDPA cuDNN / flash /
                                   efficient, flash-attn when importable, anchor shapes
+``fp8``                           ``attention.py --fp8`` at 4 anchor shapes (our fp8
+                                  kernel vs our bf16 one and cuDNN; SageAttention's
+                                  428-455 TFLOP/s the bar), then a 2-block Wan:
+                                  ``kernels="fp8"`` vs bf16 eager vs fp32, one call and
+                                  2 Euler steps (``fp8_accuracy.py``)
 ``e2e_<method>``                  ``e2e.py --full`` one method each: diffusers eager,
                                   diffusers PAB hook, vdopt, vdopt + PAB,
                                   ``torch.compile``, the AOT artifact (load + first call)
@@ -29,7 +34,9 @@ Stages, in order (most telling first, so a tight budget cuts the least telling):
 Time on one H100 (estimates, not yet measured; ``estimate_s`` of each stage): the CUDA
 tests autotune the flash kernel per shape and dtype (12 shapes, 4-6 configs, ~40 s); the
 small Wan checks compile 2 blocks (~20-40 s each); attention times 9 shapes x 4-6 backends
-with ``triton.testing.do_bench`` (100 ms each) plus one autotune per shape (~60 s). End to
+with ``triton.testing.do_bench`` (100 ms each) plus one autotune per shape (~60 s); the fp8
+stage times 4 shapes x 4 backends and autotunes 5 fp8 configurations per shape and
+variant, then runs the 2-block Wan 3 times (~45 s). End to
 end, every Wan worker first builds the 1.3B model (~15 s on the CPU, then moved); eager is
 ~0.63 s per call (ANCHORS.md), and 2 steps with CFG are 4 calls, ~2.5 s per generation, one
 warm-up and one timed generation per method. Compilation dominates: ``torch.compile`` took
@@ -37,7 +44,7 @@ warm-up and one timed generation per method. Compilation dominates: ``torch.comp
 one variant (2 steps use 2 of them: step 2 at t=750 reuses spatial and cross attention),
 and the artifact is AOT-compiled once (of ``vdopt``, one variant). The on-disk Inductor and
 Triton caches persist between the stages of one run, so later compiles reuse kernels.
-Sum of the estimates: ~520 s, over the 470 s of ``--budget-s`` (its default), which bounds
+Sum of the estimates: ~565 s, over the 470 s of ``--budget-s`` (its default), which bounds
 the whole run whatever happens: a stage is killed when the run's time is spent, and stages
 not started are recorded as skipped. If the estimates hold, ``torch.compile`` (last: its
 figure is in ANCHORS.md) is the stage cut short; the first device run should replace these
@@ -167,8 +174,9 @@ SMOKE_TOLERANCE = {"bfloat16": 3e-2, "float32": 1e-4}
 """Relative error against eager the checks accept (bf16 rounding in a 2-block model)."""
 
 
-def smoke_workload(cfg: CheckConfig):
-    """``(model, kwargs, dtype name)``: the small Wan and one call's inputs, seeded."""
+def smoke_workload(cfg: CheckConfig, video: tuple[int, int, int, int] | None = None):
+    """``(model, kwargs, dtype name)``: the small Wan and one call's inputs, seeded
+    (``video``: (frames, height, width, text tokens) instead of ``SMOKE_VIDEO``'s)."""
     import torch
     from diffusers import WanTransformer3DModel
 
@@ -176,7 +184,7 @@ def smoke_workload(cfg: CheckConfig):
 
     size = "tiny" if cfg.tiny else "full"
     config = dict(WAN_CONFIGS[size], num_layers=SMOKE_LAYERS)
-    frames, height, width, text_len = SMOKE_VIDEO["tiny" if cfg.tiny else "gpu"]
+    frames, height, width, text_len = video or SMOKE_VIDEO["tiny" if cfg.tiny else "gpu"]
     dtype = "float32" if cfg.tiny else "bfloat16"
     torch.manual_seed(0)
     model = WanTransformer3DModel(**config).to(cfg.device, getattr(torch, dtype)).eval()
@@ -260,9 +268,10 @@ def stage_nccl_mesh(cfg: CheckConfig, folder: Path) -> dict[str, Any]:
     import torch.distributed as dist
 
     import vdopt
+    from vdopt.runtime.local_ranks import free_port
 
     backend = "gloo" if cfg.tiny else "nccl"
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(harness.free_port()), RANK="0", WORLD_SIZE="1")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1")
     start = time.perf_counter()
     dist.init_process_group(backend, rank=0, world_size=1)
     init_s = time.perf_counter() - start
@@ -293,12 +302,8 @@ def _attention_module():
     return attention
 
 
-def stage_attention(cfg: CheckConfig, folder: Path) -> dict[str, Any]:
-    """``attention.py`` at the anchor shapes (``--smoke`` in the rehearsal); TFLOP/s per backend."""
-    attention = _attention_module()
-    argv = ["--out", str(folder)] + (["--smoke", "--reps", "1"] if cfg.tiny else [])
-    code = attention.main(argv)
-    report = json.loads((folder / ("attention_smoke.json" if cfg.tiny else "attention.json")).read_text())
+def _attention_figures(report: dict[str, Any]) -> tuple[dict[str, float], dict[str, str]]:
+    """``attention.py``'s rows as figures ``"<shape> | <backend> | TFLOP/s"`` and errors."""
     figures: dict[str, float] = {}
     errors: dict[str, str] = {}
     for row in report["shapes"]:
@@ -309,10 +314,98 @@ def stage_attention(cfg: CheckConfig, folder: Path) -> dict[str, Any]:
             else:
                 figures[key + (" | GB/s" if row["kv_len"] <= 64 else " | TFLOP/s")] = (
                     result["gbps"] if row["kv_len"] <= 64 else result["tflops"])
+    return figures, errors
+
+
+def stage_attention(cfg: CheckConfig, folder: Path) -> dict[str, Any]:
+    """``attention.py`` at the anchor shapes (``--smoke`` in the rehearsal); TFLOP/s per backend."""
+    attention = _attention_module()
+    argv = ["--out", str(folder)] + (["--smoke", "--reps", "1"] if cfg.tiny else [])
+    code = attention.main(argv)
+    report = json.loads((folder / ("attention_smoke.json" if cfg.tiny else "attention.json")).read_text())
+    figures, errors = _attention_figures(report)
     details = {"backends": sorted({b for r in report["shapes"] for b in r["results"]}), "errors": errors,
                "smoke": report["smoke"], "dtype": report["dtype"]}
     if code != 0:
         return failed("vdopt's kernel failed on some shapes", figures, **details)
+    return ok(figures, **details)
+
+
+# -- (b2) fp8 attention ----------------------------------------------------------------------
+
+FP8_SHAPES = {"gpu": ("Wan2.1-1.3B 480p self", "CogVideoX-5B", "Wan cross", "Latte 512px spatial"),
+              "tiny": ("Wan2.1-1.3B 480p self",)}
+"""Anchor shapes the fp8 stage times: head dims 128 and 64, short keys (text), 72 (a tail)."""
+
+FP8_BACKENDS = ("vdopt", "vdopt_fp8", "vdopt_fp8_qk", "sdpa_cudnn", "sdpa_math")
+"""vdopt's bf16 and fp8 kernels, cuDNN (the fastest SDPA on H100); math stands in on the CPU."""
+
+FP8_VIDEO = {"gpu": SMOKE_VIDEO["gpu"], "tiny": (9, 64, 96, 8)}
+"""The accuracy Wan's video: 2340 tokens on the GPU; 72 on the CPU (over the 64 up to which
+unmasked sites keep the exact kernel)."""
+
+FP8_STEPS = 2
+"""Euler steps of the multi-step comparison."""
+
+FP8_MAX_REL_ERR = 0.1
+"""The stage fails when fp8's output is further than this from bf16's: a broken kernel
+(garbage is ~1), not a quality bar (the tiny models measure ~5e-3)."""
+
+
+def stage_fp8(cfg: CheckConfig, folder: Path) -> dict[str, Any]:
+    """fp8 attention: TFLOP/s at anchor shapes, then Wan's accuracy against bf16 and fp32."""
+    import torch
+
+    import fp8_accuracy
+    import vdopt
+
+    attention = _attention_module()
+    size = "tiny" if cfg.tiny else "gpu"
+    argv = ["--out", str(folder), "--fp8", "--backends", ",".join(FP8_BACKENDS), "--only", ",".join(FP8_SHAPES[size])]
+    code = attention.main(argv + (["--smoke", "--reps", "1"] if cfg.tiny else []))
+    report = json.loads((folder / ("attention_smoke.json" if cfg.tiny else "attention.json")).read_text())
+    figures, errors = _attention_figures(report)
+    rel_errs = {f"{row['model']} | {b}": r["rel_err"] for row in report["shapes"] for b, r in row["results"].items()
+                if "rel_err" in r}
+    sage = {row["model"]: row["anchor"].get("sage") for row in report["shapes"]}
+
+    # Accuracy: the 2-block Wan in fp32 (reference), bf16 eager and bf16 + kernels="fp8" (fp32 +
+    # fp8 on the CPU, whose interpreter has no bf16 products for the exact kernel's short sites).
+    model, kwargs, _ = smoke_workload(cfg, video=FP8_VIDEO[size])
+    fp8_dtype = torch.float32 if cfg.tiny else torch.bfloat16
+    cast = lambda dtype: {k: v.to(dtype) if isinstance(v, torch.Tensor) and k != "timestep" else v  # noqa: E731
+                          for k, v in kwargs.items()}
+
+    def run(fn, dtype):
+        kw = cast(dtype)
+        out, _ = _call(fn, kw, cfg.device)
+
+        def predict(x, t):
+            return fn(**dict(kw, hidden_states=x, timestep=torch.full_like(kw["timestep"], t)))[0]
+
+        return out.float(), fp8_accuracy.euler(predict, kw["hidden_states"], FP8_STEPS).float()
+
+    ref, ref_steps = run(model.float(), torch.float32)
+    # fp8 before bf16: on the CPU its model stays fp32, with weights not yet rounded to bf16.
+    opt = vdopt.optimize(model.to(fp8_dtype), kernels="fp8", compile=False)
+    fp8, fp8_steps = run(opt, fp8_dtype)
+    bf16, bf16_steps = run(model.to(torch.bfloat16), torch.bfloat16)
+    err = harness.relative_error
+    accuracy = {"wan_denoiser_rel_err_bf16": err(bf16, ref), "wan_denoiser_rel_err_fp8": err(fp8, ref),
+                "wan_denoiser_fp8_vs_bf16": err(fp8, bf16),
+                f"wan_{FP8_STEPS}_steps_rel_err_bf16": err(bf16_steps, ref_steps),
+                f"wan_{FP8_STEPS}_steps_rel_err_fp8": err(fp8_steps, ref_steps),
+                f"wan_{FP8_STEPS}_steps_fp8_vs_bf16": err(fp8_steps, bf16_steps)}
+    figures.update(accuracy)
+    stats = _lowering_stats(opt)
+    details = {"errors": errors, "attention_rel_err": rel_errs, "sage_anchor_tflops": sage, "smoke": report["smoke"],
+               "dtype": report["dtype"], "fp8_model_dtype": str(fp8_dtype).removeprefix("torch."),
+               "lowered_fp8": stats.get("lowered_fp8", 0), "choices": stats.get("per_site", {})}
+    if code != 0:
+        return failed("vdopt's fp8 or bf16 kernel failed on some shapes", figures, **details)
+    if not accuracy["wan_denoiser_fp8_vs_bf16"] <= FP8_MAX_REL_ERR:
+        return failed(f"fp8 Wan output {accuracy['wan_denoiser_fp8_vs_bf16']:.2e} from bf16's "
+                      f"> {FP8_MAX_REL_ERR}", figures, **details)
     return ok(figures, **details)
 
 
@@ -373,6 +466,7 @@ def stages() -> tuple[Stage, ...]:
         Stage("compiled", stage_compiled, budget_s=90, estimate_s=35),
         Stage("nccl_mesh", stage_nccl_mesh, budget_s=60, estimate_s=15),
         Stage("attention", stage_attention, budget_s=120, estimate_s=50),
+        Stage("fp8", stage_fp8, budget_s=75, estimate_s=45),
         *(Stage(f"e2e_{m}", e2e_stage(m, budget), budget_s=budget, estimate_s=estimate)
           for m, budget, estimate in E2E_STAGES),
     )
@@ -526,6 +620,12 @@ def headline(name: str, record: dict[str, Any], speedup: float | None) -> str:
         if "load_s" in f:
             text += f", load {f['load_s']:.3g} s, first call {f.get('first_call_s', 0):.3g} s"
         return text
+    if name == "fp8":
+        ours = {k.split(" | ")[0]: v for k, v in f.items() if "| vdopt_fp8 |" in k and k.endswith("TFLOP/s")}
+        best = max(ours.items(), key=lambda kv: kv[1], default=None)
+        text = (f"fp8 up to {best[1]:.3g} TFLOP/s (sage {d['sage_anchor_tflops'].get(best[0])})" if best
+                else "no fp8 figure")
+        return text + f", Wan rel err fp8 {f['wan_denoiser_rel_err_fp8']:.1e} vs bf16 {f['wan_denoiser_rel_err_bf16']:.1e}"
     if name == "kernels_auto":
         return f"rel err {d['rel_err_vs_eager']:.1e}, {d['lowered_sites']} of {len(d['choices']) or '-'} sites lowered"
     if name == "nccl_mesh":
@@ -612,7 +712,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="rehearse every stage on the CPU at toy sizes (Triton interpreter), about two minutes")
     harness.add_out_argument(p)
     p.add_argument("--budget-s", type=float, default=None,
-                   help=f"seconds for all stages together (default {defaults.budget_s:.0f}; the rehearsal 600)")
+                   help=f"seconds for all stages together (default {defaults.budget_s:.0f}; the rehearsal {TINY_BUDGET_S:.0f})")
     p.add_argument("--steps", type=int, default=defaults.steps, help=f"denoising steps per e2e generation (default {defaults.steps})")
     p.add_argument("--repeats", type=int, default=defaults.repeats,
                    help=f"timed e2e generations per method after the warm-up one (default {defaults.repeats})")
@@ -623,7 +723,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stage-out", type=Path, help=argparse.SUPPRESS)
 
 
-TINY_BUDGET_S = 600.0
+TINY_BUDGET_S = 900.0
 """The rehearsal's whole budget: generous, a slow shared CPU must not cut a stage short."""
 
 

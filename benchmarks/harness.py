@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import platform
-import socket
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -238,13 +237,6 @@ def relative_error(a, b) -> float:
     """``||a - b|| / ||b||`` in float64."""
     a, b = a.double(), b.double()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
-
-def free_port() -> int:
-    """A free TCP port on localhost (for a gloo rendezvous)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def parse_meshes(text: str) -> list[dict[str, int]]:

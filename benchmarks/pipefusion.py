@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import statistics
 import sys
 import time
@@ -47,7 +46,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.multiprocessing as mp
+
+from vdopt.runtime.local_ranks import run_local_ranks
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
@@ -127,8 +127,7 @@ def _summary(times: list[float]) -> dict[str, float]:
     return {"step_s_min": min(timed), "step_s_median": statistics.median(timed), "first_step_s": times[0]}
 
 
-def _single(run: Run, threads: int, queue) -> None:
-    torch.set_num_threads(threads)
+def _single(rank: int, world: int, run: Run) -> dict[str, Any]:
     import vdopt
 
     model, latents, prompt, _ = build(run.cfg)
@@ -137,43 +136,33 @@ def _single(run: Run, threads: int, queue) -> None:
     from vdopt.passes.pipefusion.stage_split import parameter_bytes
 
     params = parameter_bytes(model)
-    # numpy, not a tensor: a tensor would travel by a shared-memory handle that dies with this process
-    queue.put({"times": times, **_summary(times), "latent": x.numpy(), "param_bytes": params, "total_param_bytes": params,
-               "peak_rss_bytes": peak_rss_bytes()})
+    return {"times": times, **_summary(times), "latent": x.numpy(), "param_bytes": params, "total_param_bytes": params,
+            "peak_rss_bytes": peak_rss_bytes()}
 
 
-def _rank(rank: int, world: int, port: int, run: Run, patches: int, queue) -> None:
-    import datetime as dt
-
+def _rank(rank: int, world: int, run: Run, patches: int) -> dict[str, Any]:
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=dt.timedelta(seconds=600))
-    try:
-        import vdopt
+    import vdopt
 
-        model, latents, prompt, _ = build(run.cfg)
-        opt = vdopt.optimize(model, vdopt.Mesh(pipefusion=world),
-                             pipefusion=vdopt.PipeFusionConfig(patches=patches, warmup_steps=1))
-        x, times = _loop(opt, latents, prompt, run.steps, barrier=dist.barrier)
-        program = opt.plans[0].program
-        counts = dict(program.counts)
-        gens = _generations(opt, latents, prompt, run.steps, run.repeats, dist.barrier)
-        hop = _measure_hop(rank, program)
-        result = {
-            "times": times, **_summary(times), "latent": x.numpy(),
-            "param_bytes": program.param_bytes(), "total_param_bytes": program.total_param_bytes,
-            "kv_cache_bytes": program.cache_bytes(), "peak_rss_bytes": peak_rss_bytes(),
-            "stage_blocks": program.figures["stage_blocks"], "axis": program.figures["axis"],
-            "patch_sizes": program.figures["sizes"], "hop_s": hop, "counts": counts,
-            "generation_s": gens["times"], "loops": dict(program.loops),
-            "across_vs_step_by_step_err": harness.relative_error(gens["latents"]["across_steps"],
-                                                                 gens["latents"]["step_by_step"]),
-        }
-        queue.put((rank, result))
-    finally:
-        dist.destroy_process_group()
+    model, latents, prompt, _ = build(run.cfg)
+    opt = vdopt.optimize(model, vdopt.Mesh(pipefusion=world),
+                         pipefusion=vdopt.PipeFusionConfig(patches=patches, warmup_steps=1))
+    x, times = _loop(opt, latents, prompt, run.steps, barrier=dist.barrier)
+    program = opt.plans[0].program
+    counts = dict(program.counts)
+    gens = _generations(opt, latents, prompt, run.steps, run.repeats, dist.barrier)
+    hop = _measure_hop(rank, program)
+    return {
+        "times": times, **_summary(times), "latent": x.numpy(),
+        "param_bytes": program.param_bytes(), "total_param_bytes": program.total_param_bytes,
+        "kv_cache_bytes": program.cache_bytes(), "peak_rss_bytes": peak_rss_bytes(),
+        "stage_blocks": program.figures["stage_blocks"], "axis": program.figures["axis"],
+        "patch_sizes": program.figures["sizes"], "hop_s": hop, "counts": counts,
+        "generation_s": gens["times"], "loops": dict(program.loops),
+        "across_vs_step_by_step_err": harness.relative_error(gens["latents"]["across_steps"],
+                                                             gens["latents"]["step_by_step"]),
+    }
 
 
 def _measure_hop(rank: int, program) -> dict[str, float]:
@@ -204,26 +193,11 @@ def _measure_hop(rank: int, program) -> dict[str, float]:
 
 
 def run_single(run: Run, threads: int = 1) -> dict[str, Any]:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    p = ctx.Process(target=_single, args=(run, threads, queue))
-    p.start()
-    result = queue.get(timeout=3600)
-    p.join()
-    return result
+    return run_local_ranks(1, _single, run, group=False, threads_per_rank=threads, timeout=3600)[0]
 
 
 def run_pipefusion(run: Run, patches: int, world: int = 2) -> list[dict[str, Any]]:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = harness.free_port()
-    procs = [ctx.Process(target=_rank, args=(r, world, port, run, patches, queue)) for r in range(world)]
-    for p in procs:
-        p.start()
-    results = dict(queue.get(timeout=3600) for _ in range(world))
-    for p in procs:
-        p.join()
-    return [results[r] for r in range(world)]
+    return run_local_ranks(world, _rank, run, patches, backend="gloo", timeout=3600, pg_timeout=600)
 
 
 # -- projection --------------------------------------------------------------------------------

@@ -3,14 +3,19 @@
     python benchmarks/plan_validation.py --out benchmarks/results           # both parts
     python benchmarks/plan_validation.py --part cpu --quick                 # a smoke run
 
-(a) ``cpu``: 4 gloo ranks on this machine (1 thread each), calibrated in the same
-    processes (each rank measures the device while the others do, as they will share the
-    cores while running; the link is the ranks' own all-to-all). For two models (Wan and
+(a) ``cpu``: ``--world`` gloo ranks on this machine (default 2; 1 thread each), calibrated in
+    the same processes (each rank measures the device while the others do, as they will
+    share the machine while running; the link is the ranks' own all-to-all). With more ranks
+    than cores the ranks time-share the cores and the measurements do not reproduce: such a
+    run is written under its own name, labelled oversubscribed. The whole measurement runs
+    ``--repeats`` times (fresh processes, fresh calibration) to show how far it reproduces. For two models (Wan and
     Latte at mid sizes, batch 2 so CFG parallel is a candidate) every mesh the planner costs
     is run for real (``compile=False``) and timed: the median of timed calls, each with a
     new timestep (PipeFusion calls after the first are pipelined, as the planner assumes).
-    Reported: Spearman's rank correlation of predicted against measured seconds, and
-    whether the predicted best is the measured best.
+    Reported: Spearman's rank correlation of predicted against measured seconds (per run
+    and against the mean of the runs), whether the predicted best is the measured best,
+    run-to-run reproducibility (Spearman between runs, spread per mesh) and the load average
+    of the machine while it ran.
 
 (b) ``published``: the planner at the published models' full configs (meta device), with
     the device and link rows of the hardware the numbers were measured on, against
@@ -19,7 +24,8 @@
     included, their own kernels); the comparison is of speed-ups where they are given, and
     of seconds per denoiser call where a per-step figure is published or derivable.
 
-Results: ``--out`` gets ``plan_validation_cpu.{json,md,png}`` and
+Results: ``--out`` gets ``plan_validation_cpu.{json,md,png}`` (``plan_validation_cpu_<N>ranks_
+oversubscribed.*`` with more ranks than cores) and
 ``plan_validation_published.{json,md,png}``.
 """
 
@@ -36,14 +42,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
 log = logging.getLogger("vdopt.benchmarks.plan_validation")
 
-WORLD = 4
+WORLD = 2
+"""Default ranks: one per core of this 2-core machine, so that no two ranks share a core."""
 
 CPU_MODELS: dict[str, dict[str, Any]] = {
     "wan-mid": {"kind": "wan", "frames": 17, "height": 128, "width": 128, "text_len": 64, "batch": 2},
@@ -95,69 +101,49 @@ def build_cpu_model(spec: dict[str, Any], device: str = "cpu"):
     return model, inputs
 
 
-def _rank_main(rank: int, world: int, port: int, spec: dict[str, Any], meshes: list[dict[str, int]],
-               calls: int, calibrate_quick: bool, queue) -> None:
+def _rank_main(rank: int, world: int, spec: dict[str, Any], meshes: list[dict[str, int]], calls: int,
+               calibrate_quick: bool) -> dict[str, Any]:
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group("gloo", rank=rank, world_size=world)
-        import vdopt
-        from vdopt.planning.calibrate import all_to_all_samples, measure_device
-        from vdopt.planning.devices import as_row
+    import vdopt
+    from vdopt.planning.calibrate import all_to_all_samples, measure_device
+    from vdopt.planning.devices import as_row
 
-        dist.barrier()
-        device_row = as_row(measure_device("cpu", quick=calibrate_quick))  # every rank at once
-        link_samples = all_to_all_samples(torch.device("cpu"))
-        model, inputs = build_cpu_model(spec)
-        measured = {}
-        for degrees in meshes:
-            pipefusion = vdopt.PipeFusionConfig() if degrees["pipefusion"] > 1 else None
-            opt = vdopt.optimize(model, vdopt.Mesh(**degrees), pipefusion=pipefusion, compile=False)
-            times = []
-            key = "+".join(f"{a}{d}" for a, d in degrees.items() if d > 1)
-            try:  # a mesh optimize refuses is refused alike on every rank, at the first call
-                with torch.no_grad():
-                    opt(**inputs)
-            except ValueError as e:
-                measured[key] = {"degrees": degrees, "error": str(e).split("\n")[0]}
-                continue
+    dist.barrier()
+    device_row = as_row(measure_device("cpu", quick=calibrate_quick))  # every rank at once
+    link_samples = all_to_all_samples(torch.device("cpu"))
+    model, inputs = build_cpu_model(spec)
+    measured = {}
+    for degrees in meshes:
+        pipefusion = vdopt.PipeFusionConfig() if degrees["pipefusion"] > 1 else None
+        opt = vdopt.optimize(model, vdopt.Mesh(**degrees), pipefusion=pipefusion, compile=False)
+        times = []
+        key = "+".join(f"{a}{d}" for a, d in degrees.items() if d > 1)
+        try:  # a mesh optimize refuses is refused alike on every rank, at the first call
             with torch.no_grad():
-                for i in range(calls + 1):
-                    call = {**inputs, "timestep": torch.full_like(inputs["timestep"], 999.0 - 20 * i)}
-                    dist.barrier()
-                    start = time.perf_counter()
-                    opt(**call)
-                    dist.barrier()
-                    if i:  # the first call captures (and runs PipeFusion's warm-up step)
-                        times.append(time.perf_counter() - start)
-            measured[key] = {"degrees": degrees, "seconds": statistics.median(times), "seconds_all": times}
-            del opt
-        if rank == 0:
-            queue.put(("ok", {"device_row": device_row, "link_samples": link_samples, "measured": measured}))
-        dist.barrier()
-        dist.destroy_process_group()
-    except BaseException as e:  # report to the parent
-        import traceback
-
-        queue.put(("error", f"rank {rank}: {traceback.format_exc()}"))
+                opt(**inputs)
+        except ValueError as e:
+            measured[key] = {"degrees": degrees, "error": str(e).split("\n")[0]}
+            continue
+        with torch.no_grad():
+            for i in range(calls + 1):
+                call = {**inputs, "timestep": torch.full_like(inputs["timestep"], 999.0 - 20 * i)}
+                dist.barrier()
+                start = time.perf_counter()
+                opt(**call)
+                dist.barrier()
+                if i:  # the first call captures (and runs PipeFusion's warm-up step)
+                    times.append(time.perf_counter() - start)
+        measured[key] = {"degrees": degrees, "seconds": statistics.median(times), "seconds_all": times}
+        del opt
+    return {"device_row": device_row, "link_samples": link_samples, "measured": measured}
 
 
-def run_ranks(spec, meshes, calls: int, quick: bool) -> dict[str, Any]:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = harness.free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, WORLD, port, spec, meshes, calls, quick, queue), daemon=True)
-             for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    status, payload = queue.get(timeout=3600)
-    for p in procs:
-        p.join(timeout=60)
-    if status != "ok":
-        raise RuntimeError(payload)
-    return payload
+def run_ranks(world: int, spec, meshes, calls: int, quick: bool) -> dict[str, Any]:
+    from vdopt.runtime.local_ranks import run_local_ranks
+
+    return run_local_ranks(world, _rank_main, spec, meshes, calls, quick, backend="gloo", timeout=3600,
+                           pg_timeout=1800)[0]
 
 
 def spearman(xs: list[float], ys: list[float]) -> float:
@@ -182,44 +168,71 @@ def spearman(xs: list[float], ys: list[float]) -> float:
     return cov / den if den else float("nan")
 
 
-def cpu_part(models: dict[str, dict[str, Any]], calls: int, quick: bool) -> dict[str, Any]:
+def oversubscribed(world: int) -> bool:
+    """Whether ``world`` single-thread ranks share cores on this machine."""
+    return world > (os.cpu_count() or 1)
+
+
+def _load() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def cpu_part(models: dict[str, dict[str, Any]], calls: int, quick: bool, world: int = WORLD,
+             repeats: int = 2) -> dict[str, Any]:
     import vdopt
     from vdopt.planning.calibrate import link_from_samples
     from vdopt.planning.devices import DeviceSpec
 
-    out: dict[str, Any] = {"world_size": WORLD, "models": {}}
+    out: dict[str, Any] = {"world_size": world, "repeats": repeats,
+                           "cores": os.cpu_count(), "oversubscribed": oversubscribed(world),
+                           "load_average_1_5_15min": {"start": _load()}, "models": {}}
     for name, spec in models.items():
         meta_model, meta_inputs = build_cpu_model(spec, device="meta")
-        first = vdopt.plan(meta_model, WORLD, device="cpu", link="gloo_local", **meta_inputs)
+        first = vdopt.plan(meta_model, world, device="cpu", link="gloo_local", **meta_inputs)
         meshes = [dict(c.degrees) for c in first.candidates]
-        log.info("%s: %d meshes to run on %d gloo ranks: %s", name, len(meshes), WORLD, [c.name for c in first.candidates])
-        ran = run_ranks(spec, meshes, calls, quick)
+        log.info("%s: %d meshes to run on %d gloo ranks, %d times: %s", name, len(meshes), world, repeats,
+                 [c.name for c in first.candidates])
+        runs = []
+        for i in range(repeats):
+            runs.append(run_ranks(world, spec, meshes, calls, quick))
+            out["load_average_1_5_15min"][f"{name} run {i + 1}"] = _load()
+        ran = runs[0]
         device = DeviceSpec(key="calibrated", **ran["device_row"])
-        link = link_from_samples(ran["link_samples"], name=f"gloo between {WORLD} local ranks",
+        link = link_from_samples(ran["link_samples"], name=f"gloo between {world} local ranks",
                                  how="measured in the benchmark's own ranks")
-        plan = vdopt.plan(meta_model, WORLD, device=device, link=link, **meta_inputs)
+        plan = vdopt.plan(meta_model, world, device=device, link=link, **meta_inputs)
         rows = []
         for c in plan.candidates:
             key = "+".join(f"{a}{d}" for a, d in c.degrees.items() if d > 1)
-            m = ran["measured"].get(key)
-            if m is None or "error" in m:
+            per_run = [r["measured"].get(key) for r in runs]
+            if any(m is None or "error" in m for m in per_run):
                 continue
-            rows.append({"mesh": c.name, "predicted_s": c.seconds, "measured_s": m["seconds"],
-                         "measured_all_s": m["seconds_all"], "dominant": c.dominant,
-                         "breakdown": c.cost.breakdown, "comm_bytes": c.cost.comm_bytes})
+            measured = [m["seconds"] for m in per_run]
+            rows.append({"mesh": c.name, "predicted_s": c.seconds, "measured_s": statistics.mean(measured),
+                         "measured_per_run_s": measured, "measured_all_s": [m["seconds_all"] for m in per_run],
+                         "run_spread": (max(measured) - min(measured)) / statistics.mean(measured),
+                         "dominant": c.dominant, "breakdown": c.cost.breakdown, "comm_bytes": c.cost.comm_bytes})
         pred = [r["predicted_s"] for r in rows]
         meas = [r["measured_s"] for r in rows]
         best_pred = min(rows, key=lambda r: r["predicted_s"])["mesh"]
         best_meas = min(rows, key=lambda r: r["measured_s"])["mesh"]
+        per_run = [[r["measured_per_run_s"][i] for r in rows] for i in range(repeats)]
         out["models"][name] = {
             "spec": spec, "device_row": dataclasses.asdict(device), "link_row": dataclasses.asdict(link),
-            "rows": rows, "spearman": spearman(pred, meas), "predicted_best": best_pred, "measured_best": best_meas,
+            "rows": rows, "spearman": spearman(pred, meas),
+            "spearman_per_run": [spearman(pred, m) for m in per_run],
+            "run_to_run_spearman": [spearman(per_run[0], m) for m in per_run[1:]],
+            "run_spread_median": statistics.median(r["run_spread"] for r in rows) if rows else None,
+            "measured_best_per_run": [rows[min(range(len(rows)), key=m.__getitem__)]["mesh"] for m in per_run],
+            "predicted_best": best_pred, "measured_best": best_meas,
             "predicted_best_is_measured_best": best_pred == best_meas,
             "measured_of_predicted_best_vs_measured_best": (
                 next(r["measured_s"] for r in rows if r["mesh"] == best_pred) / min(meas)),
             "excluded": {c.name: c.reason for c in plan.excluded},
             "refused_when_run": {k: m["error"] for k, m in ran["measured"].items() if "error" in m},
+            "calibrations": [r["device_row"] for r in runs],
         }
+    out["load_average_1_5_15min"]["end"] = _load()
     return out
 
 
@@ -325,27 +338,44 @@ def _published_row(e: dict[str, Any]) -> dict[str, Any]:
 # -- output ------------------------------------------------------------------------------------
 
 def cpu_markdown(report: dict[str, Any]) -> str:
-    lines = [f"# Planner validation on this CPU: {WORLD} gloo ranks", "",
-             f"{report['date']}; {report['device']}; " + ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v),
-             "", "Predicted: `vdopt.plan` with the device row and gloo link measured in the same 4 rank processes. "
-             "Measured: the median seconds per call of `vdopt.optimize(model, mesh, compile=False)` on the 4 real "
-             "gloo ranks (1 thread each, sharing this machine's cores), PipeFusion calls pipelined.", ""]
-    for name, m in report["cpu"]["models"].items():
+    cpu = report["cpu"]
+    world, repeats = cpu["world_size"], cpu["repeats"]
+    title = f"# Planner validation on this CPU: {world} gloo ranks"
+    lines = [title + (f" (OVERSUBSCRIBED: {world} ranks on {cpu['cores']} cores)" if cpu["oversubscribed"] else ""), ""]
+    if cpu["oversubscribed"]:
+        lines += [f"> Oversubscribed: {world} single-thread ranks time-share {cpu['cores']} cores, so the measured "
+                  "times mix in scheduling noise; see the run-to-run figures before reading the correlations.", ""]
+    load = cpu["load_average_1_5_15min"]
+    lines += [f"{report['date']}; {report['device']}; " + ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v),
+              "", f"Predicted: `vdopt.plan` with the device row and gloo link measured in the same {world} rank "
+              f"processes (first run). Measured: the median seconds per call of `vdopt.optimize(model, mesh, "
+              f"compile=False)` on {world} real gloo ranks (1 thread each), PipeFusion calls pipelined; the whole "
+              f"measurement ran {repeats} times in fresh processes, and \"measured\" is the mean of the runs' medians.",
+              "", "Load average of the machine (1, 5, 15 min; it is shared with other jobs): "
+              + "; ".join(f"{k} {v}" for k, v in load.items()) + ".", ""]
+    for name, m in cpu["models"].items():
         dev, link = m["device_row"], m["link_row"]
+        runs_head = " | ".join(f"run {i + 1} ms" for i in range(repeats))
         lines += [f"## {name}", "",
                   f"Calibrated: matmul {dev['matmul_tflops']['float32'] * 1e3:.1f} GFLOP/s, attention "
                   f"{dev['attention_tflops']['float32'] * 1e3:.1f} GFLOP/s (long-sequence rate), memory "
                   f"{dev['memory_bandwidth_gbps']:.1f} GB/s, {dev['op_overhead_us']:.1f} us per op; link "
                   f"{link['bandwidth_gbps']:.2f} GB/s, {link['latency_us']:.0f} us.", "",
-                  "| mesh | predicted ms | measured ms | predicted / measured | dominant (predicted) |",
-                  "|---|---|---|---|---|"]
+                  f"| mesh | predicted ms | measured ms | {runs_head} | run spread | predicted / measured | dominant (predicted) |",
+                  "|---|---|---|" + "---|" * repeats + "---|---|---|"]
         for r in sorted(m["rows"], key=lambda r: r["measured_s"]):
-            lines.append(f"| {r['mesh']} | {r['predicted_s'] * 1e3:.1f} | {r['measured_s'] * 1e3:.1f} | "
-                         f"{r['predicted_s'] / r['measured_s']:.2f} | {r['dominant']} |")
-        lines += ["", f"Spearman rank correlation: **{m['spearman']:.2f}** over {len(m['rows'])} meshes. "
-                      f"Predicted best {m['predicted_best']}, measured best {m['measured_best']}: "
+            per = " | ".join(f"{x * 1e3:.1f}" for x in r["measured_per_run_s"])
+            lines.append(f"| {r['mesh']} | {r['predicted_s'] * 1e3:.1f} | {r['measured_s'] * 1e3:.1f} | {per} | "
+                         f"{r['run_spread']:.0%} | {r['predicted_s'] / r['measured_s']:.2f} | {r['dominant']} |")
+        per_run = ", ".join(f"{x:.2f}" for x in m["spearman_per_run"])
+        between = ", ".join(f"{x:.2f}" for x in m["run_to_run_spearman"]) or "-"
+        lines += ["", f"Spearman rank correlation, predicted against measured: **{m['spearman']:.2f}** over "
+                      f"{len(m['rows'])} meshes (per run: {per_run}). Predicted best {m['predicted_best']}, measured "
+                      f"best {m['measured_best']} (per run: {', '.join(m['measured_best_per_run'])}): "
                       f"{'the same' if m['predicted_best_is_measured_best'] else 'different'}; the predicted best "
                       f"measures {m['measured_of_predicted_best_vs_measured_best']:.2f}x the measured best.", "",
+                  f"Reproducibility: Spearman between run 1 and the later runs {between}; median spread of a mesh's "
+                  f"time between runs {m['run_spread_median']:.0%}.", "",
                   "Excluded: " + "; ".join(f"{k}: {v[:90]}" for k, v in m["excluded"].items()), ""]
     return "\n".join(lines) + "\n"
 
@@ -391,7 +421,7 @@ def cpu_plot(report: dict[str, Any], path: Path) -> None:
             ax.annotate(r["mesh"], (x, y), fontsize=6)
         hi = max(pred + meas) * 1.1
         ax.plot([0, hi], [0, hi], ":", color="#999999")
-        ax.set_xlabel("measured ms per call (4 gloo ranks)")
+        ax.set_xlabel(f"measured ms per call ({report['cpu']['world_size']} gloo ranks)")
         ax.set_ylabel("predicted ms per call")
         ax.set_title(f"{name}: Spearman {m['spearman']:.2f}", fontsize=9)
     fig.tight_layout()
@@ -429,6 +459,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--part", choices=("cpu", "published", "both"), default="both")
     parser.add_argument("--calls", type=int, default=None, help="timed calls per mesh on the CPU (default 5)")
     parser.add_argument("--quick", action="store_true", help="smoke run: one small model, 2 timed calls, 2 published rows")
+    parser.add_argument("--world", type=int, default=WORLD,
+                        help=f"gloo ranks on this machine (default {WORLD}; more than the cores is labelled oversubscribed)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="times the whole CPU measurement runs, for reproducibility (default 2; 1 with --quick)")
     harness.add_out_argument(parser)
     args = parser.parse_args(argv)
     harness.configure_logging()
@@ -436,8 +470,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if args.part in ("cpu", "both"):
         report = {"benchmark": "planner validation, CPU", **harness.stamp("cpu")}
-        report["cpu"] = cpu_part(QUICK_MODELS if args.quick else CPU_MODELS, calls, args.quick)
-        harness.write_results(args.out, "plan_validation_cpu", report, markdown=cpu_markdown(report), plot=cpu_plot)
+        repeats = args.repeats or (1 if args.quick else 2)
+        report["cpu"] = cpu_part(QUICK_MODELS if args.quick else CPU_MODELS, calls, args.quick, args.world, repeats)
+        name = (f"plan_validation_cpu_{args.world}ranks_oversubscribed" if oversubscribed(args.world)
+                else "plan_validation_cpu")
+        harness.write_results(args.out, name, report, markdown=cpu_markdown(report), plot=cpu_plot)
         out["cpu"] = report
     if args.part in ("published", "both"):
         report = {"benchmark": "planner validation, published", **harness.stamp("cpu")}

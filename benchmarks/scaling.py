@@ -45,7 +45,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
@@ -100,7 +99,8 @@ def graph_comms(meshes, model_spec: dict[str, Any]) -> dict[str, dict[str, Any]]
     return out
 
 
-def _per_rank_child(queue, meshes, model_spec: dict[str, Any], calls: int) -> None:
+def _per_rank_child(rank: int, world_size: int, meshes, model_spec: dict[str, Any],
+                    calls: int) -> dict[str, dict[str, Any]]:
     """For each mesh, rank 0's graph on a fake process group, run: the median seconds of one
     call on this one device (collectives of a fake group move nothing, so that is the rank's
     compute alone), and its collectives."""
@@ -110,28 +110,24 @@ def _per_rank_child(queue, meshes, model_spec: dict[str, Any], calls: int) -> No
     import vdopt
     from vdopt.collectives import communication
 
-    torch.set_num_threads(1)
     out = {}
-    try:
-        for degrees in meshes:
-            world = 1
-            for d in degrees.values():
-                world *= d
-            if dist.is_initialized():
-                dist.destroy_process_group()
-            dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
-            model, kwargs = _model_and_call(model_spec, meta=calls == 0)
-            opt = vdopt.optimize(model, vdopt.Mesh(**degrees), example_inputs=((), kwargs), compile=model_spec.get("compile"))
-            gm = opt.plans[0].program.gm
-            comms = communication(getattr(gm, "gm", gm))
-            entry: dict[str, Any] = {"comms": [{"kind": c.kind, "bytes": c.bytes, "axis": c.axis} for c in comms]}
-            if calls:
-                entry["compute_s"] = _timed(opt, kwargs, calls, sync=model_spec["device"] == "cuda")
-            out[mesh_name(degrees)] = entry
-            del opt, model
-        queue.put(("ok", out))
-    except BaseException as e:  # report to the parent
-        queue.put(("error", f"{type(e).__name__}: {e}"))
+    for degrees in meshes:
+        world = 1
+        for d in degrees.values():
+            world *= d
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+        model, kwargs = _model_and_call(model_spec, meta=calls == 0)
+        opt = vdopt.optimize(model, vdopt.Mesh(**degrees), example_inputs=((), kwargs), compile=model_spec.get("compile"))
+        gm = opt.plans[0].program.gm
+        comms = communication(getattr(gm, "gm", gm))
+        entry: dict[str, Any] = {"comms": [{"kind": c.kind, "bytes": c.bytes, "axis": c.axis} for c in comms]}
+        if calls:
+            entry["compute_s"] = _timed(opt, kwargs, calls, sync=model_spec["device"] == "cuda")
+        out[mesh_name(degrees)] = entry
+        del opt, model
+    return out
 
 
 def _model_and_call(spec: dict[str, Any], *, meta: bool):
@@ -151,15 +147,9 @@ def _model_and_call(spec: dict[str, Any], *, meta: bool):
 
 def per_rank_graphs(meshes, model_spec: dict[str, Any], calls: int = 0) -> dict[str, dict[str, Any]]:
     """``_per_rank_child`` in a fresh process (the fake group stays there)."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_per_rank_child, args=(queue, list(meshes), model_spec, calls), daemon=True)
-    proc.start()
-    status, payload = queue.get(timeout=3600)
-    proc.join(timeout=30)
-    if status != "ok":
-        raise RuntimeError(payload)
-    return payload
+    from vdopt.runtime.local_ranks import run_local_ranks
+
+    return run_local_ranks(1, _per_rank_child, list(meshes), model_spec, calls, group=False, timeout=3600)[0]
 
 
 def comm_seconds(comms: list[dict[str, Any]], degrees: dict[str, int], link) -> float:
@@ -207,39 +197,27 @@ def _timed(fn, kwargs, calls: int, barrier=None, sync: bool = False) -> float:
                                       before_each=barrier)
 
 
-def _gloo_rank(rank: int, world: int, port: int, cfg, calls: int, queue) -> None:
+def _gloo_rank(rank: int, world: int, cfg, calls: int) -> dict[str, Any]:
     import torch.distributed as dist
 
+    import vdopt
     from vdopt.collectives import communication
+    from vdopt.planning.calibrate import all_to_all_samples
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group("gloo", rank=rank, world_size=world)
-        import vdopt
-
-        model, kwargs = _model_and_call({"kind": "mid", "config": dataclasses.asdict(cfg)}, meta=False)
-        opt = vdopt.optimize(model, vdopt.Mesh(ulysses=world), compile=False)
-        step = _timed(opt, kwargs, calls, dist.barrier)
-        gm = opt.plans[0].program.gm
-        comms = [{"kind": c.kind, "bytes": c.bytes, "axis": c.axis} for c in communication(getattr(gm, "gm", gm))]
-        # The link as `vdopt calibrate` measures it: 1 KiB and 16 MiB all-to-alls.
-        from vdopt.planning.calibrate import all_to_all_samples
-
-        link = all_to_all_samples(torch.device("cpu"))
-        if rank == 0:
-            queue.put(("ok", {"step_s": step, "comms": comms, "link": link}))
-        dist.barrier()
-        dist.destroy_process_group()
-    except BaseException as e:
-        queue.put(("error", f"rank {rank}: {type(e).__name__}: {e}"))
+    model, kwargs = _model_and_call({"kind": "mid", "config": dataclasses.asdict(cfg)}, meta=False)
+    opt = vdopt.optimize(model, vdopt.Mesh(ulysses=world), compile=False)
+    step = _timed(opt, kwargs, calls, dist.barrier)
+    gm = opt.plans[0].program.gm
+    comms = [{"kind": c.kind, "bytes": c.bytes, "axis": c.axis} for c in communication(getattr(gm, "gm", gm))]
+    # The link as `vdopt calibrate` measures it: 1 KiB and 16 MiB all-to-alls.
+    link = all_to_all_samples(torch.device("cpu"))
+    return {"step_s": step, "comms": comms, "link": link}
 
 
 def gloo_check(cfg, calls: int) -> dict[str, Any]:
     """The projection for ulysses=2 at ``cfg`` against a real 2-rank gloo run on this CPU."""
-    import socket
-
     import vdopt
+    from vdopt.runtime.local_ranks import run_local_ranks
 
     spec = {"kind": "mid", "config": dataclasses.asdict(cfg), "device": "cpu", "compile": False}
     threads = torch.get_num_threads()
@@ -250,19 +228,7 @@ def gloo_check(cfg, calls: int) -> dict[str, Any]:
     finally:
         torch.set_num_threads(threads)
     rank_graph = per_rank_graphs([{"ulysses": 2}], spec, calls)["ulysses2"]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_gloo_rank, args=(r, 2, port, cfg, calls, queue), daemon=True) for r in range(2)]
-    for p in procs:
-        p.start()
-    status, payload = queue.get(timeout=1800)
-    for p in procs:
-        p.join(timeout=60)
-    if status != "ok":
-        raise RuntimeError(payload)
+    payload = run_local_ranks(2, _gloo_rank, cfg, calls, backend="gloo", timeout=1800, pg_timeout=1800)[0]
     from vdopt.planning.calibrate import link_from_samples
 
     gloo = link_from_samples(payload["link"], name="gloo, 2 local processes", how="scaling benchmark")

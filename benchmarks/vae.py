@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
@@ -126,56 +125,39 @@ def graph_activation_peak(gm: torch.fx.GraphModule) -> int:
     return peak
 
 
-def _one_process(method: str, config: dict, latent: tuple, queue) -> None:
-    torch.set_num_threads(1)
+def _one_process(rank: int, world: int, method: str, config: dict, latent: tuple) -> dict[str, Any]:
     vae, z = _build(config, latent)
     if method == "tiled":
         h, w = (vae.spatial_compression_ratio * s for s in latent[1:])
         vae.enable_tiling(tile_sample_min_height=h // 2, tile_sample_min_width=w // 2,
                           tile_sample_stride_height=3 * h // 8, tile_sample_stride_width=3 * w // 8)
-    queue.put((0, _measure(lambda: vae.decode(z).sample)))
+    return _measure(lambda: vae.decode(z).sample)
 
 
-def _rank(rank: int, world: int, port: int, config: dict, latent: tuple, queue) -> None:
-    import datetime as dt
-
+def _rank(rank: int, world: int, config: dict, latent: tuple) -> dict[str, Any]:
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
-    if world > 1:
-        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=dt.timedelta(seconds=900))
-    try:
-        import vdopt
+    import vdopt
 
-        vae, z = _build(config, latent)
-        opt = vdopt.optimize_vae(vae, vdopt.Mesh(ulysses=world) if world > 1 else None)
-        result = _measure(lambda: opt.decode(z).sample, barrier=dist.barrier if world > 1 else lambda: None)
-        plan = opt.plans[0]
-        result["stats"] = plan.passes[0].stats if plan.passes else {}
-        result["graph_peak_bytes"] = graph_activation_peak(plan.program.gm)
-        if rank:
-            result.pop("out")
-        queue.put((rank, result))
-    finally:
-        if world > 1:
-            dist.destroy_process_group()
+    vae, z = _build(config, latent)
+    opt = vdopt.optimize_vae(vae, vdopt.Mesh(ulysses=world) if world > 1 else None)
+    result = _measure(lambda: opt.decode(z).sample, barrier=dist.barrier if world > 1 else lambda: None)
+    plan = opt.plans[0]
+    result["stats"] = plan.passes[0].stats if plan.passes else {}
+    result["graph_peak_bytes"] = graph_activation_peak(plan.program.gm)
+    if rank:
+        result.pop("out")
+    return result
 
 
 def run(method: str, config: dict, latent: tuple, world: int = 1) -> list[dict[str, Any]]:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
+    """``method`` in fresh processes, one thread each: ``world`` gloo ranks for vdopt (no group for one)."""
+    from vdopt.runtime.local_ranks import run_local_ranks
+
     if method.startswith("vdopt"):
-        port = harness.free_port()
-        procs = [ctx.Process(target=_rank, args=(r, world, port, config, latent, queue)) for r in range(world)]
-    else:
-        procs = [ctx.Process(target=_one_process, args=(method, config, latent, queue))]
-    for p in procs:
-        p.start()
-    results = dict(queue.get(timeout=1800) for _ in procs)
-    for p in procs:
-        p.join()
-    return [results[r] for r in range(len(procs))]
+        return run_local_ranks(world, _rank, config, latent, group=world > 1, backend="gloo", timeout=1800,
+                               pg_timeout=900)
+    return run_local_ranks(1, _one_process, method, config, latent, group=False, timeout=1800)
 
 
 def _markdown(report: dict[str, Any]) -> str:

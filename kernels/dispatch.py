@@ -3,7 +3,8 @@
 Legend: B batch, N heads, S tokens (``Sq`` queries, ``Skv`` keys), D head dim.
 
 ``attention_forward`` is the body of the ``vdopt::attention`` op: short sequences without a
-mask go to the temporal kernel, everything else to the flash kernel. Kernels run on CUDA, and
+mask go to the temporal kernel, everything else to the flash kernel. ``attention_fp8_forward``
+is the body of ``vdopt::attention_fp8`` (``kernels="fp8"``, approximate). Kernels run on CUDA, and
 on CPU only under the Triton interpreter with real tensors; every other case (CPU without the
 interpreter, or CPU tracing with fake tensors, where the interpreter cannot read memory) runs
 the PyTorch reference, which traces into ordinary ATen ops.
@@ -104,4 +105,39 @@ def attention_forward(
         from vdopt.kernels.flash_attention import flash_attention_forward
 
         flash_attention_forward(q, k, v, out, lse, scale, key_mask, wrap=wrap)
+    return out, lse
+
+
+def attention_fp8_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    key_mask: torch.Tensor | None = None,
+    *,
+    wrap=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)`` like ``attention_forward``, with Q, K and V in fp8 (``kernels="fp8"``).
+
+    The body of the ``vdopt::attention_fp8`` op. Where no kernel can run (tracing, CPU
+    without the interpreter) it computes the same quantization in PyTorch; on a device
+    without fp8 tensor cores it raises a ValueError saying what to use instead.
+    """
+    from vdopt.kernels.flash_attention import new_lse, new_output
+
+    out = new_output(q)
+    lse = new_lse(q)
+    if q.numel() == 0:
+        return out, lse
+    if k.shape[-2] == 0:
+        return out.zero_(), lse.fill_(float("-inf"))
+    from vdopt.kernels.fp8_attention import DEFAULT_PV, check_fp8_device, fp8_attention_forward, fp8_attention_reference
+
+    if not kernels_can_run(q):
+        ref_out, ref_lse = fp8_attention_reference(q, k, v, scale, key_mask, pv=DEFAULT_PV)
+        return out.copy_(ref_out), lse.copy_(ref_lse)
+    check_fp8_device(q.device)
+    if q.device.type != "cuda":
+        wrap = None
+    fp8_attention_forward(q, k, v, out, lse, scale, key_mask, pv=DEFAULT_PV, wrap=wrap)
     return out, lse

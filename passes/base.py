@@ -36,7 +36,8 @@ class PassContext:
     layout: "VideoLayout | None" = None
     """Token layout of the video latent, when analysis could derive it."""
     kernels: str = "auto"
-    """``"auto"`` (Triton on CUDA only, where measured faster), ``"triton"`` (force) or ``"sdpa"`` (never lower)."""
+    """``"auto"`` (Triton on CUDA only, where measured faster), ``"triton"`` (force), ``"fp8"`` (the
+    approximate fp8 Triton kernel, Hopper-class GPUs) or ``"sdpa"`` (never lower)."""
 
 
 @dataclasses.dataclass(kw_only=True)

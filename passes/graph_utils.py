@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import operator
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -11,11 +14,32 @@ from torch.utils import _pytree as pytree
 
 from vdopt import meta
 
+# Deep-copying an exported graph copies the pytree specs of its call convention, which rebuilds
+# each leaf through ``LeafSpec.__new__``; torch 2.13 marks that deprecated, so every deepcopy of
+# any exported graph (Inductor's own, before it compiles, included) prints this FutureWarning
+# from torch's code. vdopt never touches ``LeafSpec``.
+_TORCH_LEAFSPEC_DEEPCOPY_WARNING = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
+
+
+@contextlib.contextmanager
+def copying_exported_graphs():
+    """Ignore torch's own deprecation warning of a deep copy of an exported graph (only it)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_TORCH_LEAFSPEC_DEEPCOPY_WARNING, category=FutureWarning)
+        yield
+
 
 def fake_value(node_or_value: Any) -> Any:
-    """The ``meta["val"]`` of a node (fake tensor or constant), or the value itself."""
+    """The ``meta["val"]`` of a node (fake tensor or constant), or the value itself.
+
+    A ``get_attr`` of a non-tensor (the functions and their specs that export keeps for
+    ``flat_apply``, e.g. flex attention's ``score_mod``/``mask_mod``) has no ``val``: it is
+    the attribute itself."""
     if isinstance(node_or_value, torch.fx.Node):
-        return node_or_value.meta["val"]
+        node = node_or_value
+        if "val" not in node.meta and node.op == "get_attr" and node.graph.owning_module is not None:
+            return operator.attrgetter(node.target)(node.graph.owning_module)
+        return node.meta["val"]
     return node_or_value
 
 
@@ -116,3 +140,32 @@ def ancestors(nodes: list[torch.fx.Node]) -> set[torch.fx.Node]:
         seen.add(n)
         stack.extend(n.all_input_nodes)
     return seen
+
+
+def _functorch_levels() -> frozenset[Callable]:
+    from torch._functorch import predispatch
+
+    return frozenset(getattr(predispatch, f"_{kind}_{step}") for kind in ("vmap", "jvp")
+                     for step in ("increment_nesting", "decrement_nesting"))
+
+
+_LEVEL_CALLS = _functorch_levels()
+"""functorch's level bookkeeping as export keeps it in the graph (``torch.vmap`` inside
+``forward``, e.g. flex attention's ``create_block_mask``). Each call enters or leaves a level
+whose number the later ``_add_batch_dim`` calls carry as a constant, so its result is unused,
+yet removing it breaks them; torch.fx does not count these calls as side effects."""
+
+
+def is_level_call(node: torch.fx.Node) -> bool:
+    """A functorch level call (see ``_LEVEL_CALLS``): dead code elimination must keep it."""
+    return node.op == "call_function" and node.target in _LEVEL_CALLS
+
+
+def is_impure(node: torch.fx.Node) -> bool:
+    """``node.is_impure()``, plus functorch's level calls."""
+    return node.is_impure() or is_level_call(node)
+
+
+def eliminate_dead_code(graph: torch.fx.Graph) -> None:
+    """``graph.eliminate_dead_code()`` that keeps functorch's level calls (see ``is_impure``)."""
+    graph.eliminate_dead_code(is_impure_node=is_impure)

@@ -40,7 +40,8 @@ class PipelineOptions:
     pipefusion: PipeFusionConfig | None = None
     """PipeFusion options, or None."""
     kernels: str = "auto"
-    """``auto`` (CUDA, where measured faster), ``triton`` (every supported site) or ``sdpa``."""
+    """``auto`` (CUDA, where measured faster), ``triton`` (every supported site), ``sdpa``, or
+    ``fp8`` (every supported site in fp8, approximate)."""
     compile: bool | None = None
     """Run the graphs through Inductor: ``None`` on CUDA only (``vdopt.compile.should_compile``)."""
     training: bool = False
@@ -94,8 +95,8 @@ def check_training(options: PipelineOptions) -> None:
         refused.append("pab (it reuses attention outputs across denoising steps; a training step has none)")
     if options.pipefusion is not None or options.mesh.pipefusion > 1:
         refused.append("pipefusion (stale K/V across patches is approximate and has no backward)")
-    if options.kernels == "triton":
-        refused.append("kernels='triton' (vdopt's attention kernels have no backward)")
+    if options.kernels in ("triton", "fp8"):
+        refused.append(f"kernels={options.kernels!r} (vdopt's attention kernels have no backward)")
     if refused:
         raise ValueError(
             "training=True cannot be combined with " + "; ".join(refused)

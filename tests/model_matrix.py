@@ -16,8 +16,11 @@ constraints a generic shrink cannot meet, each with why.
 
 Inputs come from the forward signature and the config: a latent of 3 frames x 6 x 10 (8 x 12
 for 2-D models), other than any config sample size, text of 5 tokens, timesteps in [0, 1000].
-``INPUT_LAYOUT`` names the few classes whose latent is not ``(B, C, [T,] H, W)`` (packed
-token latents with separate ids or sizes).
+``INPUT_LAYOUT`` holds the declarative per-class input hints, as diffusers' own tests know how
+to call each class: a latent that is not ``(B, C, [T,] H, W)`` (packed tokens, frames first,
+channels last, its channel count or size) and the arguments the class's pipeline passes
+beyond latent, text and timestep (audio streams, pose and face inputs, history latents,
+chunk partitions, per-frame timesteps), each mirroring the pipeline in ``diffusers/pipelines``.
 
 ``EXPECTED`` is the declared outcome of each (class, strategy) cell: ``"pass"`` or an xfail
 reason. The test (``tests/test_matrix.py``) checks every cell against it (strict xfails),
@@ -172,6 +175,22 @@ CONFIG_OVERRIDES: dict[str, dict] = {
     "PixArtTransformer2DModel": dict(caption_channels=WIDTH_TEXT, sample_size=64),
     # concat_padding_mask resizes the mask with torchvision, which this environment lacks.
     "CosmosTransformer3DModel": dict(concat_padding_mask=False),
+    # FramePack checkpoints project SigLIP image tokens and embed the clean history latents
+    # (both off by default; the pipeline always passes them).
+    "HunyuanVideoFramepackTransformer3DModel": dict(has_image_proj=True, image_proj_dim=WIDTH_TEXT,
+                                                    has_clean_x_embedder=True),
+    # The motion encoder's input size keys its channel table (512 px by default): 16 px with
+    # three entries; one face adapter per block (the default, every 5th, needs 5 blocks).
+    "WanAnimateTransformer3DModel": dict(motion_encoder_size=16, motion_encoder_channel_sizes={"4": 8, "8": 8, "16": 8},
+                                         motion_style_dim=16, motion_dim=8, motion_encoder_dim=WIDTH_TEXT,
+                                         face_encoder_hidden_dim=16, face_encoder_num_heads=2,
+                                         inject_face_latents_blocks=1),
+    # 128 latent channels by default (video and audio): 8 keeps the tiny model tiny.
+    "LTX2VideoTransformer3DModel": dict(in_channels=8, out_channels=8, audio_in_channels=8, audio_out_channels=8),
+    # linear_head_dim (the linear-attention blocks' head width, 112) must equal the head dim.
+    "SanaWMTransformer3DModel": dict(in_channels=8, linear_head_dim=HEAD_DIM),
+    # Super-resolution: the output width is the input's (noisy latent) width.
+    "Kandinsky6SRTransformer3DModel": dict(in_visual_dim=4, out_visual_dim=4),
 }
 """Per class, constructor constraints a generic shrink cannot meet (each entry says why)."""
 
@@ -232,6 +251,55 @@ INPUT_LAYOUT: dict[str, dict] = {
         image_embeds=lambda b, kw, m, g: torch.randn(b, 4, WIDTH_TEXT, generator=g),
         encoder_hidden_states_2=lambda b, kw, m, g: torch.randn(b, TEXT_LEN, WIDTH_TEXT, generator=g),
         encoder_attention_mask_2=lambda b, kw, m, g: torch.ones(b, TEXT_LEN))),
+    # Frames first (B, T, C, H, W) with a timestep per frame, cut into causal chunks of 1 and 2
+    # frames (the pipeline's chunk_partition); no KV cache: the whole-sequence rollout with its
+    # causal block mask, and no clean context frames (clean_timestep goes with them).
+    "AnyFlowFARTransformer3DModel": dict(frames_first=True, extra=dict(
+        chunk_partition=lambda b, kw, m, g: [1, FRAMES - 1],
+        timestep=lambda b, kw, m, g: torch.rand(b, FRAMES, generator=g) * 1000,
+        r_timestep=lambda b, kw, m, g: torch.rand(b, FRAMES, generator=g) * 1000,
+        clean_timestep=lambda b, kw, m, g: None)),
+    # FramePack (vanilla sampling, as the pipeline calls it): the latent window's frame
+    # indices, SigLIP image tokens, and clean history latents at 1x (the image frame and one
+    # history frame), 2x (2 frames) and 4x (4 frames), each with its frame indices.
+    "HunyuanVideoFramepackTransformer3DModel": dict(extra=dict(
+        image_embeds=lambda b, kw, m, g: torch.randn(b, 4, WIDTH_TEXT, generator=g),
+        indices_latents=lambda b, kw, m, g: torch.arange(8, 8 + FRAMES),
+        latents_clean=lambda b, kw, m, g: torch.randn(b, m.config.in_channels, 2, HEIGHT, WIDTH, generator=g),
+        indices_latents_clean=lambda b, kw, m, g: torch.tensor([0, 7]),
+        latents_history_2x=lambda b, kw, m, g: torch.randn(b, m.config.in_channels, 2, HEIGHT, WIDTH, generator=g),
+        indices_latents_history_2x=lambda b, kw, m, g: torch.arange(5, 7),
+        latents_history_4x=lambda b, kw, m, g: torch.randn(b, m.config.in_channels, 4, HEIGHT, WIDTH, generator=g),
+        indices_latents_history_4x=lambda b, kw, m, g: torch.arange(1, 5))),
+    # Channels-last (B, T, H, W, C): the noisy latent, the conditioning latent and its mask
+    # concatenated on the channels (2C + 1), as the pipelines build them.
+    "Kandinsky6Transformer3DModel": dict(channels_last=True, channels=lambda m: 2 * m.config.in_visual_dim + 1),
+    # The same layout for super-resolution tiles (noisy latent, anchor, anchor mask); NABLA
+    # attention groups 8 x 8 token blocks, so the grid is 8 x 16 tokens (patch 1).
+    "Kandinsky6SRTransformer3DModel": dict(channels_last=True, channels=lambda m: 2 * m.config.in_visual_dim + 1,
+                                           size=(FRAMES, 8, 16)),
+    # Packed video tokens (B, T*H*W, C) with the grid as ints, and the audio stream: packed
+    # audio latents (B, 7, C_audio), its text states and frame count, as the pipeline passes.
+    "LTX2VideoTransformer3DModel": dict(packed=True, extra=dict(
+        audio_hidden_states=lambda b, kw, m, g: torch.randn(b, 7, m.config.audio_in_channels, generator=g),
+        audio_encoder_hidden_states=lambda b, kw, m, g: torch.randn(b, TEXT_LEN, WIDTH_TEXT, generator=g),
+        num_frames=lambda b, kw, m, g: FRAMES, height=lambda b, kw, m, g: HEIGHT, width=lambda b, kw, m, g: WIDTH,
+        audio_num_frames=lambda b, kw, m, g: 7)),
+    # World model: a timestep per frame (B, 1, T), text states (B, 1, L, D) and the text
+    # padding mask (the pipeline passes it as ``mask``; two padded tokens).
+    "SanaWMTransformer3DModel": dict(extra=dict(
+        timestep=lambda b, kw, m, g: torch.rand(b, 1, FRAMES, generator=g) * 1000,
+        encoder_hidden_states=lambda b, kw, m, g: torch.randn(b, 1, TEXT_LEN, WIDTH_TEXT, generator=g),
+        mask=lambda b, kw, m, g: (torch.arange(TEXT_LEN) < TEXT_LEN - 2).float().expand(b, TEXT_LEN).clone())),
+    # Animate: the latent carries 2C + 4 channels (in_channels) and one frame more than the
+    # pose latents (B, C, T - 1, H, W); the face video (B, 3, 4(T - 2) + 1, S, S) at the motion
+    # encoder's size S, whose causal convolutions give T - 1 face tokens; CLIP image tokens.
+    "WanAnimateTransformer3DModel": dict(extra=dict(
+        pose_hidden_states=lambda b, kw, m, g: torch.randn(b, m.config.latent_channels, FRAMES - 1, HEIGHT, WIDTH,
+                                                           generator=g),
+        face_pixel_values=lambda b, kw, m, g: torch.randn(b, 3, 4 * (FRAMES - 2) + 1, m.config.motion_encoder_size,
+                                                          m.config.motion_encoder_size, generator=g),
+        encoder_hidden_states_image=lambda b, kw, m, g: torch.randn(b, 4, m.config.image_dim, generator=g))),
     # VACE control latents: (B, vace_in_channels, T, H, W).
     "WanVACETransformer3DModel": dict(extra=dict(
         control_hidden_states=lambda b, kw, m, g: torch.randn(b, 8, FRAMES, HEIGHT, WIDTH, generator=g))),
@@ -253,12 +321,13 @@ def make_inputs(name: str, model, batch: int, gen: torch.Generator) -> tuple[tup
     spec = INPUT_LAYOUT.get(name, {})
     params = inspect.signature(type(model).forward).parameters
     video = "3D" in name or spec.get("video", False)
-    channels = _latent_channels(dict(model.config), model)
-    shape = (batch, channels, FRAMES, HEIGHT, WIDTH) if video else (batch, channels, 8, 12)
+    channels = spec["channels"](model) if "channels" in spec else _latent_channels(dict(model.config), model)
+    frames, height, width = spec.get("size", (FRAMES, HEIGHT, WIDTH))
+    shape = (batch, channels, frames, height, width) if video else (batch, channels, 8, 12)
     if spec.get("channels_last"):
-        shape = (batch, FRAMES, HEIGHT, WIDTH, channels)
+        shape = (batch, frames, height, width, channels)
     if spec.get("frames_first"):
-        shape = (batch, FRAMES, channels, HEIGHT, WIDTH)
+        shape = (batch, frames, channels, height, width)
     if spec.get("packed"):
         shape = (batch, math.prod(shape[2:]), channels)
     kwargs: dict = {}
@@ -271,7 +340,7 @@ def make_inputs(name: str, model, batch: int, gen: torch.Generator) -> tuple[tup
             kwargs[pname] = torch.randn(batch, TEXT_LEN, WIDTH_TEXT, generator=gen)
         elif pname in _POOLED_INPUTS:
             kwargs[pname] = torch.randn(batch, WIDTH_TEXT, generator=gen)
-        elif pname in ("timestep", "timesteps") or pname.endswith("_timestep"):
+        elif pname in ("timestep", "timesteps") or (pname.endswith("_timestep") and not isinstance(p.default, bool)):
             kwargs[pname] = torch.rand(batch, generator=gen) * 1000
         elif pname == "encoder_attention_mask":
             kwargs[pname] = torch.ones(batch, TEXT_LEN)
@@ -291,27 +360,32 @@ NOT_RUN = object()
 """A cell the suite does not run (save/load outside ``SAVE_LOAD``)."""
 
 ALL = "*"
-_INPUTS = "inputs: the generic input builder cannot make this call: "
-_PAB_LINEAR = ("pab: self-attention is linear attention (no SDPA node): vdopt's PAB broadcasts SDPA sites "
-               "only, diffusers' hook broadcasts every attention module")
-_SP_LINEAR = ("sequence parallel: self-attention is linear attention (no SDPA node; it sums over all tokens), "
-              "so the split tokens are gathered before it: exact, but no all-to-all or ring runs")
+_GDN = ("sequence parallel: self-attention of the (linear, every 4th softmax) block 0 is a bidirectional "
+        "gated-delta-net recurrence over the tokens (SanaWMBidirectionalGDNAttention, no SDPA): the split tokens "
+        "are gathered before it: exact, but no all-to-all or ring runs")
+_FLEX_SP = ("sequence parallel: self-attention is flex_attention (a higher-order op, not SDPA), which vdopt "
+            "does not shard: the tokens are gathered before it (exact, but no all-to-all or ring runs)")
 EXPECTED_ROWS: dict[str, dict[str, str]] = {
-    "AnyFlowFARTransformer3DModel": {ALL: _INPUTS + "forward needs chunk_partition (frame-autoregressive chunks)"},
-    "HunyuanVideoFramepackTransformer3DModel": {ALL: _INPUTS + "forward needs image_embeds, frame indices and "
-                                                "clean history latents"},
-    "Kandinsky6SRTransformer3DModel": {ALL: _INPUTS + "super-resolution: forward needs a low-resolution "
-                                       "conditioning latent concatenated to the channels"},
-    "Kandinsky6Transformer3DModel": {ALL: _INPUTS + "latent is channels-last (B, T, H, W, C) with visual "
-                                     "conditioning channels"},
-    "LTX2VideoTransformer3DModel": {ALL: _INPUTS + "audio-video model: forward needs audio_hidden_states and "
-                                    "audio text states"},
-    "SanaWMTransformer3DModel": {ALL: _INPUTS + "world model: timestep per frame (B, 1, T) and a text padding mask"},
-    "WanAnimateTransformer3DModel": {ALL: _INPUTS + "forward needs pose latents and face pixel values"},
-    "SanaVideoTransformer3DModel": {"pab": _PAB_LINEAR, "ulysses2": _SP_LINEAR, "ring2": _SP_LINEAR},
-    "SanaTransformer2DModel": {"pab": _PAB_LINEAR, "ulysses2": _SP_LINEAR, "ring2": _SP_LINEAR},
+    "AnyFlowFARTransformer3DModel": {
+        "ulysses2": _FLEX_SP, "ring2": _FLEX_SP,
+        "pab": ("pab: 4e-3 from diffusers' hook, which broadcasts the flex-attention self-attention modules "
+                "that vdopt's PAB (SDPA and matmul attention only) computes every step")},
+    "Kandinsky6SRTransformer3DModel": {
+        "ulysses2": _FLEX_SP, "ring2": _FLEX_SP},
+    "SanaWMTransformer3DModel": {
+        "ulysses2": _GDN, "ring2": _GDN},
+    "WanAnimateTransformer3DModel": {
+        "pab": ("pab: vdopt broadcasts face_adapter.0 (a cross attention to the face motion tokens) like the "
+                "blocks' cross attention; diffusers' hook (default identifiers 'blocks', 'transformer_blocks') "
+                "computes it every step: 2.5e-3 apart from step 1")},
 }
 """Per class, the cells expected to fail and why (``"*"``: every cell); absent cells pass."""
+
+
+LINEAR_ATTENTION = ("SanaVideoTransformer3DModel", "SanaTransformer2DModel")
+"""Classes whose self-attention is linear attention (no SDPA: ``K^T V`` sums over all tokens):
+sequence parallel keeps the tokens split and all-reduces the partial sums, so their ulysses=2
+and ring=2 cells run an all-reduce instead of an all-to-all or a ring."""
 
 
 def expected(name: str, strategy: str):

@@ -225,6 +225,113 @@ def test_import_and_reference_fallback_without_triton():
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=300)
 
 
+# ----------------------------------------------------------------------------- fp8
+#
+# Tolerances. e4m3 keeps 3 mantissa bits: rounding to nearest has a relative error of at most
+# 2^-4 per value, about 2^-4/sqrt(3) = 3.6% RMS. On N(0, 1) data (scores of std 1, the
+# hardest case: no peaked softmax to hide behind) Q's and K's roundings give ~3.8% relative
+# error of the output, P's and V's add ~3% more in quadrature (both measured: 3.8e-2 and
+# 4.9e-2). The bound below, 2 * 2^-4 = 0.125, is two units of e4m3's roundoff; lse is off by
+# the scores' error, ~0.03 here (bound 0.125 too). Where the kernel and the PyTorch emulation
+# of the same scheme see the same quantized values (``pv="native"``), they agree to fp32
+# order (1e-5); with ``pv="fp8"`` P is rounded against the running max in the kernel and the
+# final max in the emulation: two roundings of P, at most 2^-4 apart in RMS.
+
+FP8_TOLERANCE = 2 * 2.0**-4
+"""Relative L2 error of fp8 attention against exact attention (see above)."""
+
+
+def _rel(out, ref):
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+if importlib.util.find_spec("triton") is not None:
+    import triton
+    import triton.language as tl
+
+    from vdopt.kernels.fp8_attention import _round_to_e4m3
+
+    @triton.jit
+    def _e4m3_round_trip(X, Y, N: tl.constexpr):
+        r = tl.arange(0, N)
+        tl.store(Y + r, _round_to_e4m3(tl.load(X + r)).to(tl.float8e4nv).to(tl.float32))
+
+
+@requires_triton
+@pytest.mark.skipif(ON_GPU, reason="the emulated rounding is the interpreter's (compiled out on a GPU)")
+def test_interpreter_e4m3_rounding_matches_torch_cast(rng_inputs):
+    """The interpreter-only rounding of P (its own fp32 -> e4m3 cast drops mantissa carries)."""
+    # Values around carries (1.98 -> 2), ties, subnormals (< 2^-6) and the top of the range.
+    x = torch.cat([torch.rand(4000, generator=rng_inputs) * 448, torch.rand(1000, generator=rng_inputs) * 0.03,
+                   torch.tensor([1.984, 1.9375, 1.0625, 1.1875, 0.0, 2.0**-9, 3 * 2.0**-10, 447.9, 448.0])])
+    n = 8192
+    x = torch.nn.functional.pad(x, (0, n - x.numel()))
+    y = torch.empty_like(x)
+    _e4m3_round_trip[(1,)](x, y, n)
+    torch.testing.assert_close(y, x.to(torch.float8_e4m3fn).float(), atol=0, rtol=0)
+
+
+@requires_triton
+@pytest.mark.parametrize("pv", ["fp8", "native"])
+@pytest.mark.parametrize(
+    "batch, heads, sq, skv, dim, layout, masked",
+    [(1, 2, 100, 150, 64, "bnsd", False), ((2, 2), 2, 70, 90, 72, "bsnd", False), (2, 2, 50, 130, 40, "bsnd", True)],
+)
+def test_fp8_kernel_matches_its_emulation_and_fp64(batch, heads, sq, skv, dim, layout, masked, pv, rng_inputs):
+    """Kernel vs the same scheme in PyTorch (tight) and vs exact fp64 attention (e4m3's bound)."""
+    from vdopt.kernels.fp8_attention import fp8_attention, fp8_attention_reference
+
+    b1, b2 = batch if isinstance(batch, tuple) else (batch, None)
+    q, k, v = make_qkv(b1 * (b2 or 1), heads, sq, skv, dim, layout=layout, gen=rng_inputs)
+    # DiT keys carry a large per-channel offset: smoothing must make it harmless.
+    k = k + 4 * torch.randn(dim, generator=rng_inputs)
+    if b2:
+        q, k, v = (t.unflatten(0, (b1, b2)) for t in (q, k, v))
+    mask = None
+    if masked:
+        mask = torch.rand(b1, skv, generator=rng_inputs) > 0.4
+        mask[0, 0] = True
+        mask[1] = False  # a batch with no valid key: zero output, lse -inf
+    scale = dim**-0.5
+    out, lse = fp8_attention(q, k, v, scale, mask, pv=pv)
+    emulated, emulated_lse = fp8_attention_reference(q, k, v, scale, mask, pv=pv)
+    ref, ref_lse = attention_reference(q, k, v, scale, mask, compute_dtype=torch.float64)
+    assert out.shape == q.shape and out.stride() == new_output(q).stride() and lse.shape == q.shape[:-1]
+    assert torch.equal(torch.isfinite(lse), torch.isfinite(ref_lse))
+    valid = torch.isfinite(ref_lse)
+    assert _rel(out[valid], emulated[valid]) <= (1e-5 if pv == "native" else 2.0**-4)
+    assert _rel(out[valid], ref[valid]) <= FP8_TOLERANCE
+    assert (lse[valid].double() - ref_lse[valid]).abs().max().item() <= FP8_TOLERANCE
+    torch.testing.assert_close(lse[valid], emulated_lse[valid], atol=1e-4, rtol=1e-5)
+    if masked:
+        assert torch.all(out[1] == 0)
+
+
+@requires_triton
+def test_fp8_kernel_against_the_16_bit_kernel(rng_inputs):
+    """fp16 in (the interpreter cannot run bf16 ``tl.dot``): fp8 vs our exact kernel, both vs fp64."""
+    from vdopt.kernels.fp8_attention import fp8_attention
+
+    q, k, v = make_qkv(1, 2, 130, 130, 64, dtype=torch.float16, layout="bsnd", gen=rng_inputs)
+    out16, lse16 = new_output(q), new_lse(q)
+    flash_attention_forward(q, k, v, out16, lse16, 0.125)
+    out8, _ = fp8_attention(q, k, v, 0.125)
+    ref, _ = attention_reference(q, k, v, 0.125, compute_dtype=torch.float64)
+    assert out8.dtype == torch.float16
+    assert _rel(out16, ref) <= 2e-3  # fp16 output rounding
+    assert _rel(out8, out16) <= FP8_TOLERANCE and _rel(out8, ref) <= FP8_TOLERANCE
+
+
+def test_fp8_is_refused_with_the_device_found_and_what_to_use():
+    from vdopt.kernels.fp8_attention import check_fp8_device, fp8_head_dim_split
+
+    with pytest.raises(ValueError, match=r"compute capability 8.9.*found device 'meta'.*kernels='auto'"):
+        check_fp8_device(torch.device("meta"))
+    # fp8 MMAs take 32 values per step: parts are at least 32 wide.
+    assert [fp8_head_dim_split(d) for d in (8, 32, 64, 72, 96, 128, 160)] == [
+        (32, 0), (32, 0), (64, 0), (64, 32), (64, 32), (128, 0), (128, 32)]
+
+
 # ----------------------------------------------------------------------------- GPU
 
 
@@ -285,3 +392,26 @@ def test_gpu_ring_partial_attention_returns_the_lse_of_sdpa_backends(dtype, rng_
     assert torch.all(lse[1] == float("-inf")) and torch.all(out[1] == 0)
     out, lse = blockwise_attention_with_lse(q, k, v, mask, 0.125, tile_elements=4096)
     torch.testing.assert_close(out[0].float(), ref[0], atol=tolerance, rtol=0)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
+@pytest.mark.parametrize("sq, skv, dim, masked", [(1000, 1000, 128, False), (1024, 77, 72, False), (300, 200, 64, True)])
+def test_gpu_fp8_attention_within_e4m3_error_or_refused(sq, skv, dim, masked, rng_inputs):
+    """On fp8 hardware (8.9+): bf16 in, e4m3 error bound against fp32 math and the op's
+    opcheck; on an older GPU: the ValueError naming it."""
+    from vdopt.kernels.dispatch import attention_fp8_forward
+    from vdopt.kernels.fp8_attention import fp8_unsupported_reason
+
+    from vdopt import ops  # noqa: F401
+
+    q, k, v = make_qkv(2, 4, sq, skv, dim, dtype=torch.bfloat16, layout="bsnd", gen=rng_inputs)
+    mask = (torch.rand(2, skv, generator=rng_inputs) > 0.3).cuda() if masked else None
+    if fp8_unsupported_reason(q.device) is not None:
+        with pytest.raises(ValueError, match="compute capability"):
+            attention_fp8_forward(q, k, v, dim**-0.5, mask)
+        return
+    out, lse = attention_fp8_forward(q, k, v, dim**-0.5, mask)
+    ref, ref_lse = attention_reference(q, k, v, dim**-0.5, mask, compute_dtype=torch.float32)
+    assert _relative_error(out, ref) <= FP8_TOLERANCE
+    assert (lse - ref_lse).abs().max().item() <= FP8_TOLERANCE
+    torch.library.opcheck(torch.ops.vdopt.attention_fp8.default, (q, k, v, dim**-0.5, mask))

@@ -16,7 +16,7 @@ The layers, bottom to top (a module may import its own layer and those below):
   graph      vdopt.passes.graph_utils, vdopt.passes.dims, vdopt.capture, vdopt.guards, vdopt.compile
   analysis   vdopt.passes.analysis
   passes     the rest of vdopt.passes
-  runtime    vdopt.runtime (the executable and its report)
+  runtime    vdopt.runtime (the executable and its report; local_ranks, the local launcher)
   artifacts  vdopt.artifacts
   planning   vdopt.planning: the automatic parallel planner (uses runtime and passes)
   api        vdopt (the package itself), vdopt.api, vdopt.cli, vdopt.__main__, vdopt.pipelines, vdopt.vae

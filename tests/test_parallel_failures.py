@@ -1,14 +1,13 @@
 """A rank that dies or hangs becomes an error on the others, never a hang.
 
-Two real gloo ranks build a Ulysses plan; then rank 1 exits (or sleeps past the mesh
-timeout) instead of running the call. Rank 0's call must raise within the mesh's
+Two real gloo ranks (``run_local_ranks``) build a Ulysses plan; then rank 1 exits (or waits
+until rank 0 has given up) instead of running the call. Rank 0's call must raise within the mesh's
 ``timeout_s`` (plus slack), not block forever, and the error must say which call and graph
 it was in and which mesh group and ranks it waited for, with gloo's error chained.
 """
 
 from __future__ import annotations
 
-import datetime
 import os
 import subprocess
 import sys
@@ -16,9 +15,8 @@ import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from multirank import _free_port
+from vdopt.runtime.local_ranks import LocalRanksError, run_local_ranks
 
 MESH_TIMEOUT_S = 3.0
 
@@ -41,12 +39,8 @@ class TinyVideoDiT(torch.nn.Module):
         return self.proj(x + self.out(attn) * timestep[:, None, None])
 
 
-def _rank(rank: int, port: int, mode: str, queue) -> None:
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
+def _rank(rank: int, world_size: int, mode: str, done: str):
+    """Rank 0: the call's error (message, seconds, cause). Rank 1: dies, or hangs until rank 0 is done."""
     import vdopt
 
     torch.manual_seed(0)
@@ -57,33 +51,34 @@ def _rank(rank: int, port: int, mode: str, queue) -> None:
     if rank == 1:
         if mode == "dies":
             os._exit(3)
-        time.sleep(4 * MESH_TIMEOUT_S)  # hangs: never joins the collectives
-        return
+        # hangs: never joins the collectives (until rank 0 has given up on them)
+        give_up = time.monotonic() + 120
+        while not os.path.exists(done) and time.monotonic() < give_up:
+            time.sleep(0.1)
+        return None
     start = time.perf_counter()
     try:
         opt(*args, **kwargs)
-        queue.put(("no error", time.perf_counter() - start))
+        return ("no error", time.perf_counter() - start, None)
     except Exception as e:
         cause = e.__cause__
-        queue.put((f"{type(e).__name__}: {e}", time.perf_counter() - start,
-                   f"{type(cause).__name__}: {cause}" if cause is not None else None))
+        return (f"{type(e).__name__}: {e}", time.perf_counter() - start,
+                f"{type(cause).__name__}: {cause}" if cause is not None else None)
+    finally:
+        open(done, "w").close()
 
 
 @pytest.mark.parametrize("mode", ["dies", "hangs"])
-def test_a_lost_rank_is_an_error_on_the_others(mode):
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_rank, args=(r, port, mode, queue), daemon=True) for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        message, seconds, cause = queue.get(timeout=120)
-    finally:
-        for p in procs:
-            p.join(timeout=1)
-            if p.is_alive():
-                p.kill()
+def test_a_lost_rank_is_an_error_on_the_others(mode, tmp_path):
+    done = str(tmp_path / "rank0-done")
+    if mode == "dies":  # the launcher names the lost rank, and keeps rank 0's report
+        with pytest.raises(LocalRanksError) as info:
+            run_local_ranks(2, _rank, mode, done, backend="gloo", timeout=240, grace=120)
+        assert set(info.value.failures) == {1}, str(info.value)
+        assert info.value.failures[1].line.startswith("exited with code 3 without reporting")
+        message, seconds, cause = info.value.results[0]
+    else:
+        (message, seconds, cause), _ = run_local_ranks(2, _rank, mode, done, backend="gloo", timeout=240)
     assert seconds < MESH_TIMEOUT_S + 5, f"rank 0 waited {seconds:.1f} s"
     # says where in vdopt and whom it waited for, then gloo's own words (also chained)
     assert message.startswith("CollectiveError: vdopt: a collective failed on rank 0 during call 1 of TinyVideoDiT"), message

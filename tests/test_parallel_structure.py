@@ -12,7 +12,8 @@ import traceback
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+
+from vdopt.runtime.local_ranks import run_local_ranks
 
 
 def _structure_checks() -> dict:
@@ -79,28 +80,14 @@ def _structure_checks() -> dict:
     return out
 
 
-def _child(queue) -> None:
-    torch.set_num_threads(1)
-    try:
-        queue.put(("ok", _structure_checks()))
-    except BaseException:
-        queue.put(("error", traceback.format_exc()))
+def _child(rank: int, world_size: int) -> dict:
+    return _structure_checks()
 
 
 @pytest.fixture(scope="module")
 def checks() -> dict:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(queue,), daemon=True)
-    proc.start()
-    try:
-        status, payload = queue.get(timeout=300)
-    finally:
-        proc.join(timeout=10)
-        if proc.is_alive():
-            proc.kill()
-    assert status == "ok", payload
-    return payload
+    # no process group from the launcher: the checks set up their own fake ones
+    return run_local_ranks(1, _child, group=False, timeout=300)[0]
 
 
 def _site_counts(result: dict) -> dict:

@@ -369,7 +369,10 @@ def _pipefusion_worker(rank: int, world: int, cases: list[tuple], seed: int) -> 
              ("wan pf2 x ulysses2", "wan", {"pipefusion": 2, "ulysses": 2}, 2, {"frames": 13}),
              # Ulysses splits Latte's H*W rows, so the patches go along T
              ("latte pf2 x ulysses2", "latte", {"pipefusion": 2, "ulysses": 2}, 2, {}),
-             ("latte cfg2 x pf2", "latte", {"cfg": 2, "pipefusion": 2}, 2, {"batch": 2})]),
+             ("latte cfg2 x pf2", "latte", {"cfg": 2, "pipefusion": 2}, 2, {"batch": 2}),
+             # Ring's token halves split a frame, so the patches go along W; ring attention is
+             # patched like SDPA (this block's K/V merged with the stale cache, then passed round)
+             ("wan pf2 x ring2", "wan", {"pipefusion": 2, "ring": 2}, 2, {})]),
     ],
     ids=["pf2", "pf4-and-combined"],
 )
@@ -379,6 +382,7 @@ def test_pipefusion_on_gloo_ranks(world, cases):
         _check_results(label, [r[label] for r in per_rank])
     if world == 4:
         assert per_rank[0]["latte pf2 x ulysses2"]["axis"] == "T"
+        assert per_rank[0]["wan pf2 x ring2"]["axis"] == "W"
 
 
 def _check_results(name: str, results: list[dict]) -> None:

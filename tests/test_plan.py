@@ -182,3 +182,57 @@ def test_cli_prints_the_ranked_table(capsys, tmp_path):
     assert any(c["degrees"]["cfg"] == 2 for c in data["candidates"])
     assert main(["plan", "latte", "--size", "tiny", "--world", "2", "--device", "nope"]) == 1
     assert "unknown device 'nope'" in capsys.readouterr().err
+
+
+def _wan_meta(layers: int):
+    from diffusers import WanTransformer3DModel
+    from vdopt.models.diffusers_models import WAN_CONFIGS
+
+    with torch.device("meta"):
+        model = WanTransformer3DModel(**{**WAN_CONFIGS["tiny"], "num_layers": layers}).eval()
+    inputs = {"hidden_states": torch.Size((2, 4, 5, 16, 16)), "encoder_hidden_states": torch.Size((2, 8, 32)),
+              "timestep": torch.full((2,), 999.0, device="meta")}
+    return model, inputs
+
+
+def test_repeated_blocks_are_found_by_structure_and_cut_without_touching_the_model():
+    from diffusers import LatteTransformer3DModel
+    from vdopt.models.diffusers_models import LATTE_CONFIGS
+    from vdopt.planning.repeats import find_repeated_blocks, truncated
+
+    with torch.device("meta"):
+        latte = LatteTransformer3DModel(**{**LATTE_CONFIGS["tiny"], "num_layers": 4}).eval()
+    found = find_repeated_blocks(latte)
+    # the spatial and the temporal blocks run together (zip): both lists, cut together
+    assert set(found.paths) == {"transformer_blocks", "temporal_transformer_blocks"} and found.length == 4
+    short = truncated(latte, found, 1)
+    assert len(short.transformer_blocks) == len(short.temporal_transformer_blocks) == 1
+    assert len(latte.transformer_blocks) == 4 and short.transformer_blocks[0] is latte.transformer_blocks[0]
+    wan, _ = _wan_meta(4)
+    assert find_repeated_blocks(wan).paths == ("blocks",)
+
+
+def test_planner_costs_identical_blocks_once_and_predicts_as_the_whole_model():
+    """Reference: the same plan with ``reuse_blocks=False``, which captures and rewrites all 6
+    blocks for every mesh (the planner before block reuse)."""
+    import vdopt
+
+    model, inputs = _wan_meta(6)
+    slow = vdopt.plan(model, 2, device="h100", link="nvlink", reuse_blocks=False, **inputs)
+    fast = vdopt.plan(model, 2, device="h100", link="nvlink", **inputs)
+    # the work: copies with 1 and 2 blocks (2 and 4 for PipeFusion's 2 stages), each captured
+    # once and shared by every mesh; the 6-block model is never captured
+    assert slow.work == {"capture all": 1, "build": 4}
+    assert fast.work == {"capture 1": 1, "capture 2": 1, "capture 4": 1, "build": 8}, fast.work
+    assert [c.name for c in fast.candidates] == [c.name for c in slow.candidates]
+    assert {c.name for c in fast.candidates} == {"cfg=2", "ulysses=2", "ring=2", "pipefusion=2"}
+    assert [(c.name, c.reason) for c in fast.excluded] == [(c.name, c.reason) for c in slow.excluded]
+    for f, s in zip(fast.candidates, slow.candidates):
+        assert f.seconds == pytest.approx(s.seconds, rel=1e-12)
+        assert f.cost.breakdown == pytest.approx(s.cost.breakdown, rel=1e-12)
+        exact = ("comm_bytes", "collectives", "flops", "weight_bytes", "kv_cache_bytes")
+        assert {k: getattr(f.cost, k) for k in exact} == {k: getattr(s.cost, k) for k in exact}, f.name
+        if f.degrees["pipefusion"] == 1:
+            assert f.cost.activation_bytes == s.cost.activation_bytes
+        else:  # a stage's activation peak is extrapolated per graph: approximate (see costing.py)
+            assert f.cost.activation_bytes == pytest.approx(s.cost.activation_bytes, rel=0.1)

@@ -147,6 +147,46 @@ def test_optimize_with_triton_kernels_matches_eager(rng_inputs):
     assert "lowered=2" in opt.report()
 
 
+# -- kernels="fp8" (approximate) --------------------------------------------------------------
+
+def test_fp8_lowers_long_sites_and_keeps_short_ones_exact(rng_inputs):
+    """Long sites get the fp8 op, short unmasked (temporal-like) ones the exact kernel; the
+    model's output stays within e4m3's error (tests/test_kernels.py: FP8_TOLERANCE)."""
+    import vdopt.ops  # noqa: F401
+
+    model = Blocks(SelfAttention(), SelfAttention(mask_mode="bool")).eval()
+    for seq, want_fp8 in ((77, 2), (20, 1)):  # at 20 tokens the masked site still takes fp8
+        x = torch.randn(2, seq, 32, generator=rng_inputs)
+        key_mask = torch.rand(2, seq, generator=rng_inputs) > 0.3
+        key_mask[:, 0] = True
+        with torch.no_grad():
+            ref = model(x, key_mask)
+        gm = export(model, x, key_mask)
+        result = run_pass(gm, kernels="fp8")
+        gm.recompile()
+        assert result.stats["lowered"] == 2 and result.stats["lowered_fp8"] == want_fp8
+        assert count(gm, torch.ops.vdopt.attention_fp8.default) == want_fp8
+        assert count(gm, torch.ops.vdopt.attention.default) == 2 - want_fp8
+        with torch.no_grad():
+            out = gm(x, key_mask)
+        error = ((out - ref).norm() / ref.norm()).item()
+        assert 0 < error <= 2 * 2.0**-4, error
+
+
+def test_fp8_is_refused_where_there_is_no_fp8_hardware(monkeypatch, rng_inputs):
+    """The CPU without Triton's interpreter stands for any device without fp8 tensor cores."""
+    import triton
+
+    x = torch.randn(1, 80, 32, generator=rng_inputs)
+    gm = export(SelfAttention(), x, torch.ones(1, 80, dtype=torch.bool))
+    monkeypatch.setattr(triton.knobs.runtime, "interpret", False)
+    with pytest.raises(ValueError, match=r"kernels='fp8' needs .*compute capability 8.9.*found device 'cpu'.*"
+                                         r"kernels='auto'"):
+        run_pass(gm, kernels="fp8")
+    with pytest.raises(ValueError, match="pass 'sdpa_to_triton': kernels='fp8' needs"):
+        vdopt.optimize(SelfAttention(), kernels="fp8")(x, torch.ones(1, 80, dtype=torch.bool))
+
+
 # -- measured choice (kernels="auto" on CUDA) -------------------------------------------------
 
 def test_measured_choice_keeps_sdpa_where_the_kernel_is_slower(tmp_path, rng_inputs):

@@ -23,7 +23,7 @@ from vdopt.runtime.cfg_pairing import CFGPairing
 from vdopt.runtime.executable import Executable
 from vdopt.vae import optimize_vae
 
-KERNEL_CHOICES = ("auto", "triton", "sdpa")
+KERNEL_CHOICES = ("auto", "triton", "sdpa", "fp8")
 
 
 class OptimizedModel(Executable):
@@ -63,7 +63,10 @@ def optimize(
         kernels: ``"auto"`` lowers an attention site to vdopt's Triton kernels on CUDA only,
             and only where the kernel is measured faster than SDPA for that site's inputs
             (timed once per signature and device, cached in ``~/.cache/vdopt``);
-            ``"triton"`` lowers every supported site, ``"sdpa"`` none.
+            ``"triton"`` lowers every supported site, ``"sdpa"`` none. ``"fp8"`` (approximate,
+            opt-in) lowers every supported site to an fp8 kernel (Q, K, V in e4m3 with
+            per-block scales, SageAttention's scheme); it needs compute capability 8.9+
+            (L4/L40, H100/H200) and raises a ValueError elsewhere.
         example_inputs: ``(args, kwargs)`` to capture now instead of at the first call.
         disable_passes: names of passes to skip (see ``opt.report()``).
         compile: run the rewritten graphs through Inductor (``torch.compile``); ``None``

@@ -2,11 +2,15 @@
 
 What plain ``export`` cannot trace is captured for the call at hand, like ``torch.compile``:
 
-* a Python branch on a tensor's value, or a size taken from tensor values (``nonzero``, a
-  boolean mask, ``.item()``), makes vdopt export again with real-tensor propagation: each
-  such value takes this call's value, every size in the graph becomes an int, and the
-  assumption is kept as a guard (``vdopt.guards``) the executable checks on every call,
-  capturing again when it fails;
+* a size taken from tensor values (``nonzero``, a boolean mask, ``.item()``) or a Python
+  branch on a tensor's value makes vdopt export again with real-tensor propagation. With
+  ``symbolic`` (what the executable asks for), sizes stay *unbacked symbols* (``u0``): only
+  the decisions the trace cannot take without a value (a branch, ``u0 == 0`` inside an op)
+  take this call's outcome, kept as guards (``Ne(u0, 0)``), so one graph serves every length
+  those guards allow. Without it, or when the symbolic export fails, every such value takes
+  this call's value, every size in the graph becomes an int, and the assumption is kept as a
+  guard (``Eq(u0, 4)``). The executable checks the guards (``vdopt.guards``) on every call and
+  captures again when they fail;
 * a tensor built inside ``forward`` through ``.data`` (CogVideoX's positional table for a
   size other than ``sample_*``) is traced as computation instead of a lifted fake constant.
 
@@ -32,7 +36,7 @@ from typing import Any
 import torch
 import torch._functorch.config as fconfig
 from torch._subclasses.fake_tensor import FakeTensor, is_fake, unset_fake_temporarily
-from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode, free_unbacked_symbols
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 from torch.utils._sympy.symbol import SymT, symbol_is_type
@@ -160,8 +164,12 @@ def _pin_unbacked(value: Any, float_reads: dict[Any, str | None], names: dict[in
 
 class _NeedsSpecialization(Exception):
     """Raised inside a plain export at the first data-dependent value, to export again with
-    ``specialize`` at once: tracing on with unbacked sizes only costs time (10 s of 15 on a
-    tiny FramePack) and ends in a graph vdopt would specialize anyway."""
+    real values at once (symbolic or specialized): tracing on with fake values only ends at a
+    decision that needs the value (10 s of 15 on a tiny FramePack)."""
+
+
+# How a capture treats data-dependent values (``_CaptureMode.mode``).
+_PLAIN, _SYMBOLIC, _SPECIALIZE = "plain", "symbolic", "specialize"
 
 
 # Conversions that need a tensor's value in Python (a branch, an int): data-dependent on a fake.
@@ -185,20 +193,23 @@ class _CaptureMode(TorchFunctionMode):
       becomes a lifted *fake* constant; writes into it (CogVideoX's positional table for a
       size other than ``sample_*``) are lost. Under ``no_grad`` ``detach()`` is the same
       storage, and it is traced.
-    * with ``specialize``, data-dependent ints are pinned to this call's values (above).
+    * ``specialize``: data-dependent ints are pinned to this call's values (above);
+      ``symbolic``: they stay symbols, and real values only settle what a trace must decide;
+      ``plain``: the first data-dependent value stops the trace (``_NeedsSpecialization``).
     """
 
-    def __init__(self, model: torch.nn.Module, specialize: bool) -> None:
+    def __init__(self, model: torch.nn.Module, mode: str) -> None:
         super().__init__()
         self.model = model
-        self.specialize = specialize
-        self.names = _module_names_by_id(model) if specialize else {}
+        self.mode = mode
+        real = mode != _PLAIN
+        self.names = _module_names_by_id(model) if real else {}
         self.float_reads: dict[Any, str | None] = {}
         """Unbacked float symbols (``.item()`` of a float tensor) and where the model read them."""
         # Real-tensor propagation (torch 2.13) gives a Parameter's fake an *uninitialized* real
         # value (meta_utils copies only from plain tensors), so data-dependent values computed
         # from weights would be garbage: the real weights are copied in at the first traced op.
-        self._weights = dict(model.named_parameters(remove_duplicate=False)) if specialize else {}
+        self._weights = dict(model.named_parameters(remove_duplicate=False)) if real else {}
 
     def _fill_real_weights(self) -> None:
         for name, real in self._weights.items():
@@ -217,38 +228,63 @@ class _CaptureMode(TorchFunctionMode):
         # only the model's traced tensors: export's own fakification reads real ``.data`` too
         if _is_data_getter(func) and isinstance(args[0], torch.Tensor) and is_fake(args[0]):
             return args[0].detach()
-        if not self.specialize and func in _VALUE_READS and is_fake(args[0]) and args[0].constant is None:
+        if self.mode == _PLAIN and func in _VALUE_READS and is_fake(args[0]) and args[0].constant is None:
             raise _NeedsSpecialization(f"{func.__name__} of a traced tensor")
         out = func(*args, **(kwargs or {}))
-        if self.specialize:
+        if self.mode == _SPECIALIZE:
             _pin_unbacked(out, self.float_reads, self.names)
+        elif self.mode == _SYMBOLIC:
+            _note_unbacked_floats(out, self.float_reads, self.names)
         elif _has_unbacked(out):
             raise _NeedsSpecialization(f"{getattr(func, '__name__', func)} gives a data-dependent size or value")
         return out
 
 
-def _export(model: torch.nn.Module, kwargs: dict[str, Any], *, specialize: bool,
+def _note_unbacked_floats(value: Any, float_reads: dict[Any, str | None], names: dict[int, str]) -> None:
+    for leaf in pytree.tree_leaves(value):
+        if isinstance(leaf, torch.SymFloat) and free_unbacked_symbols(leaf) and leaf.node.expr not in float_reads:
+            float_reads[leaf.node.expr] = _where_now(names)
+
+
+def _export(model: torch.nn.Module, kwargs: dict[str, Any], *, mode: str,
             training: bool = False) -> torch.export.ExportedProgram:
     # Real-tensor propagation runs every op on real values beside the fake ones: a branch on
     # a tensor value takes the branch of this call and becomes a run-time assertion.
     # Training exports with grad mode on, so the graph's ops stay differentiable.
     grad = contextlib.nullcontext() if training else torch.no_grad()
-    mode = _CaptureMode(model, specialize)
-    with grad, fconfig.patch(fake_tensor_propagate_real_tensors=specialize), mode:
+    capture_mode = _CaptureMode(model, mode)
+    real = mode != _PLAIN
+    with grad, fconfig.patch(fake_tensor_propagate_real_tensors=real), capture_mode:
         ep = torch.export.export(model, (), kwargs, strict=False)
-    if specialize:
-        _check_every_specialization_is_guarded(model, ep, mode.float_reads)
-        _drop_real_values(ep)
+    if real:
+        _check_every_specialization_is_guarded(model, ep, capture_mode.float_reads)
+        _drop_real_values(ep, forget_unbacked=mode == _SYMBOLIC)
     return ep
 
 
-def _drop_real_values(ep: torch.export.ExportedProgram) -> None:
+def _drop_real_values(ep: torch.export.ExportedProgram, *, forget_unbacked: bool) -> None:
     """Real-tensor propagation leaves each node's fake value holding its real value: every
-    activation of a whole forward, kept alive by the graph. Only the fakes are needed."""
+    activation of a whole forward, kept alive by the graph. Only the fakes are needed.
+
+    ``forget_unbacked`` (symbolic captures): the shape environment forgets the capturing
+    call's values of unbacked symbols too: with them, a pass asking ``u0 == 5`` would silently
+    get this call's answer, unguarded; without, it gets ``GuardOnDataDependentSymNode`` and the
+    plan falls back to specialization. (A specialized graph keeps them: its sizes are pinned.)"""
     for n in ep.graph.nodes:
         for leaf in pytree.tree_leaves(n.meta.get("val")):
             if isinstance(leaf, FakeTensor) and getattr(leaf, "real_tensor", None) is not None:
                 leaf.real_tensor = None
+    env = _shape_env(ep.graph) if forget_unbacked else None
+    if env is not None and getattr(env, "real_tensor_prop_unbacked_vals", None):
+        env.real_tensor_prop_unbacked_vals.clear()
+
+
+def _shape_env(graph: torch.fx.Graph) -> Any:
+    for n in graph.nodes:
+        for leaf in pytree.tree_leaves(n.meta.get("val")):
+            if isinstance(leaf, FakeTensor) and leaf.fake_mode.shape_env is not None:
+                return leaf.fake_mode.shape_env
+    return None
 
 
 def _has_unbacked_sizes(ep: torch.export.ExportedProgram) -> bool:
@@ -260,48 +296,133 @@ def _has_unbacked_sizes(ep: torch.export.ExportedProgram) -> bool:
 
 
 def export_model(
-    model: torch.nn.Module, kwargs: dict[str, Any], *, specialize: bool | None = None, training: bool = False
+    model: torch.nn.Module, kwargs: dict[str, Any], *, specialize: bool | None = None, training: bool = False,
+    symbolic: bool = False,
 ) -> torch.export.ExportedProgram:
     """``torch.export.export(strict=False)`` on keyword inputs, with errors that name the module.
 
-    A model with data-dependent control flow or sizes is exported a second time with
-    ``specialize``: every data-dependent value takes this call's value, guarded by a run-time
-    assertion (``vdopt.guards``). ``specialize=None`` does that only when needed (a plain
-    export fails on a data-dependent value, or leaves data-dependent sizes in the graph).
+    A model with data-dependent control flow or sizes is exported a second time with real
+    values: with ``symbolic``, data-dependent sizes stay unbacked symbols and only the
+    decisions a trace cannot take without a value are settled by this call's values (each a
+    run-time assertion); otherwise, or when that export fails, every data-dependent value
+    takes this call's value (``specialize``). ``specialize=None`` exports again only when
+    needed (a plain export fails on a data-dependent value); ``True`` specializes at once.
 
     The exported program is not decomposed further: the training IR keeps
     ``aten.scaled_dot_product_attention`` as one node, which every attention pass relies on
     (the default decomposition table would lower it to matmuls). ``training``: export with
     grad mode on, so the graph run with autograd differentiates to the model's own parameters.
     """
+    return _export_call(model, kwargs, specialize=specialize, training=training, symbolic=symbolic)[0]
+
+
+def _export_call(
+    model: torch.nn.Module, kwargs: dict[str, Any], *, specialize: bool | None, training: bool, symbolic: bool
+) -> tuple[torch.export.ExportedProgram, str | None]:
+    """``export_model``, and why a symbolic capture was asked for but not made (``None`` if it was)."""
     first = bool(specialize)
     try:
-        ep = _export(model, kwargs, specialize=first, training=training)
+        ep = _export(model, kwargs, mode=_SPECIALIZE if first else _PLAIN, training=training)
     except CaptureError:
         raise
     except _NeedsSpecialization as e:
-        log.info("%s: %s: capturing again, specialized on this call's values", type(model).__name__, e)
-        return _export_specialized(model, kwargs, training)
+        log.info("%s: %s: capturing again with this call's values", type(model).__name__, e)
+        return _export_with_values(model, kwargs, training, symbolic)
     except Exception as e:  # export raises many types; all become one clear error
         if specialize is not None or not _is_data_dependent(e):
             raise _capture_error(model, e, specialized=first) from e
-        log.info("%s branches on or sizes by tensor values: capturing again, specialized on this call's "
-                 "values", type(model).__name__)
-        return _export_specialized(model, kwargs, training)
-    if specialize is None and _has_unbacked_sizes(ep):
-        log.info("%s has data-dependent sizes: capturing again, specialized on this call's values",
+        log.info("%s branches on or sizes by tensor values: capturing again with this call's values",
                  type(model).__name__)
-        return _export_specialized(model, kwargs, training)
-    return ep
+        return _export_with_values(model, kwargs, training, symbolic)
+    if specialize is None and _has_unbacked_sizes(ep):
+        log.info("%s has data-dependent sizes: capturing again with this call's values", type(model).__name__)
+        return _export_with_values(model, kwargs, training, symbolic)
+    return ep, None
 
 
-def _export_specialized(model: torch.nn.Module, kwargs: dict[str, Any], training: bool) -> torch.export.ExportedProgram:
+def _export_with_values(
+    model: torch.nn.Module, kwargs: dict[str, Any], training: bool, symbolic: bool
+) -> tuple[torch.export.ExportedProgram, str | None]:
+    why = None
+    if symbolic:
+        try:
+            return _export(model, kwargs, mode=_SYMBOLIC, training=training), None
+        except CaptureError:
+            raise
+        except Exception as e:  # any failure of the symbolic trace: the specialized one is the fallback
+            why = f"the symbolic capture failed{_at(e)}: {_first_line(e)}"
+            log.info("%s: %s; specialized on this call's values instead", type(model).__name__, why)
     try:
-        return _export(model, kwargs, specialize=True, training=training)
+        return _export(model, kwargs, mode=_SPECIALIZE, training=training), why
     except CaptureError:
         raise
     except Exception as e:
         raise _capture_error(model, e, specialized=True) from e
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+def _at(e: BaseException) -> str:
+    source = _model_source_line(e.__traceback__)
+    return f" at {source}" if source else ""
+
+
+def symbolic_sizes(gm: torch.fx.GraphModule) -> tuple[str, ...]:
+    """Each unbacked size left in ``gm``'s tensors, with the op and model line that made it
+    (``u0 from aten.nonzero at model.py:12 (keep = mask.nonzero()[:, 0])``)."""
+    env = _shape_env(gm.graph)
+    pinned = {s for s, to in (env.replacements.items() if env is not None else ()) if to.is_number}
+    symbols: dict[Any, None] = {}
+    for n in gm.graph.nodes:
+        val = n.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            for s in sorted(free_unbacked_symbols(val), key=str):
+                if s not in pinned:  # ``Eq(u0, 0)`` made it a constant after this op
+                    symbols.setdefault(s, None)
+    made_by = {}
+    for n in gm.graph.nodes:
+        for s in (n.meta.get("unbacked_bindings") or {}):
+            made_by.setdefault(s, n)
+    out = []
+    for s in symbols:
+        node = made_by.get(s)
+        if node is None:
+            out.append(str(s))
+            continue
+        op = getattr(node.target, "__name__", str(node.target)).split(".")[0]
+        source = _stack_trace_line(node.meta.get("stack_trace") or "")
+        out.append(f"{s} from aten.{op}" + (f" at {source}" if source else ""))
+    return tuple(out)
+
+
+def _stack_trace_line(trace: str) -> str | None:
+    """``file:line (code)`` of the innermost frame in a node's ``stack_trace``."""
+    found = re.findall(r'File "([^"]+)", line (\d+), in \w+\n\s*(.*)', trace)
+    if not found:
+        return None
+    filename, line, code = found[-1]
+    return f"{os.path.basename(filename)}:{line}" + (f" ({code.strip()})" if code.strip() else "")
+
+
+def needs_concrete_size(error: BaseException) -> str | None:
+    """What a step after capture needed a concrete value of, when a symbolic size stopped it
+    (``u0 < 2 at passes/parallel/sequence_parallel.py:153 in validate``); ``None`` when
+    ``error`` is about something else."""
+    chain, seen = [], set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    for e in chain:
+        if isinstance(e, GuardOnDataDependentSymNode):
+            match = re.search(r"data-dependent expression (.+?) \(unhinted", str(e))
+            where = re.search(r"Caused by: \((.+?)\)", str(e))
+            at = f" at {where.group(1)}" if where else ""
+            return (match.group(1) if match else _first_line(e)) + at
+    return None
 
 
 def _check_every_specialization_is_guarded(
@@ -379,25 +500,46 @@ class Captured:
     gm: torch.fx.GraphModule
     """The call as a ``GraphModule`` with the model's call signature (pytree in/out)."""
     guards: Guards | None
-    """Conditions on data-dependent values the graph is specialized on; ``None`` if none."""
+    """Conditions on data-dependent values the graph is valid for (its symbolic sizes and why
+    it was specialized, if it was, in ``guards.symbols``/``guards.why_specialized``); ``None``
+    if the graph holds for every call of its input signature."""
     seconds: float
     """Wall time of the capture (export and guard extraction)."""
 
+    @property
+    def symbols(self) -> tuple[str, ...]:
+        """The unbacked sizes kept symbolic (empty for a specialized graph)."""
+        return self.guards.symbols if self.guards is not None else ()
 
-def capture_guarded(model: torch.nn.Module, kwargs: dict[str, Any], *, training: bool = False) -> Captured:
-    """The model call as a graph whose every size is an int, and the guards that keep it valid.
 
-    ``training``: see ``export_model``."""
+def capture_guarded(
+    model: torch.nn.Module, kwargs: dict[str, Any], *, training: bool = False, symbolic: bool = False,
+    why_specialized: str | None = None,
+) -> Captured:
+    """The model call as a graph, and the guards that keep it valid.
+
+    ``symbolic``: keep sizes taken from tensor values (``nonzero``, masks, ``.item()``) as
+    unbacked symbols where export can, so the graph serves every such length its guards allow;
+    otherwise (or where it cannot) every size is an int specialized on this call's values.
+    ``why_specialized``: the reason to record when the caller asked for no symbols because a
+    later step needed a concrete value. ``training``: see ``export_model``."""
     start = time.perf_counter()
-    ep = export_model(model, kwargs, training=training)
+    ep, why = _export_call(model, kwargs, specialize=None, training=training, symbolic=symbolic)
     gm = ep.module()
-    guards = split_guards(gm)
-    log.debug("captured %s: %d nodes", type(model).__name__, len(gm.graph.nodes))
+    symbols = symbolic_sizes(gm)
+    guards = split_guards(gm, symbols=symbols, why_specialized=why or why_specialized)
+    if guards is not None and guards.symbols:
+        # ``Eq(u0, 1)`` among the guards: the trace specialized that size after all
+        pinned = {m.group(1) for c in guards.conditions if (m := re.fullmatch(r"Eq\((u\d+), -?\d+\)", c))}
+        kept = tuple(s for s in guards.symbols if s.split(" ")[0] not in pinned)
+        guards = dataclasses.replace(guards, symbols=kept)
+    log.debug("captured %s: %d nodes, symbolic sizes %s", type(model).__name__, len(gm.graph.nodes), symbols)
     return Captured(gm=gm, guards=guards, seconds=time.perf_counter() - start)
 
 
 def capture(model: torch.nn.Module, kwargs: dict[str, Any], *, training: bool = False) -> torch.fx.GraphModule:
-    """The model call as a ``GraphModule`` with the model's call signature (pytree in/out).
+    """The model call as a ``GraphModule`` with the model's call signature (pytree in/out),
+    every size an int.
 
     A graph specialized on data-dependent values is valid only for calls whose values match;
     ``capture_guarded`` returns the guards that check it.

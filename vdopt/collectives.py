@@ -20,21 +20,29 @@ from vdopt import meta
 c10d = torch.ops._c10d_functional
 ALL_TO_ALL = c10d.all_to_all_single.default
 ALL_GATHER = c10d.all_gather_into_tensor.default
+ALL_REDUCE = c10d.all_reduce.default
 WAIT = c10d.wait_tensor.default
 
-KINDS = ("all_to_all", "all_gather", "p2p")
+KINDS = ("all_to_all", "all_gather", "all_reduce", "p2p")
 
 
 @dataclasses.dataclass(frozen=True)
 class CommRecord:
     kind: str
-    """``all_to_all``, ``all_gather`` or ``p2p`` (ring attention's K/V hand-over)."""
+    """``all_to_all``, ``all_gather``, ``all_reduce`` (partial sums over split tokens) or ``p2p``
+    (ring attention's K/V hand-over)."""
     bytes: int
     """Bytes this rank sends to other ranks per call."""
     purpose: str
     """The attention site it serves, or what else it is for (``output gather``, ...)."""
     axis: str
     """The mesh axis (process group) it runs on."""
+
+
+def all_reduce_bytes(nbytes: int, ranks: int) -> int:
+    """Bytes each rank sends in a ring all-reduce of ``nbytes``: reduce-scatter then all-gather,
+    ``(ranks - 1) / ranks`` of the tensor each."""
+    return 2 * nbytes * (ranks - 1) // ranks
 
 
 def records(nodes: Iterable[torch.fx.Node]) -> list[CommRecord]:

@@ -10,7 +10,12 @@ small graph, the slice of the captured graph that computes the asserted conditio
 call's inputs. The executable evaluates it on the full inputs before running a plan (every
 rank gets the same inputs, so every rank decides the same), and captures again when a guard
 fails, like ``torch.compile``. The graph handed to analysis and the passes is then free of
-assertion nodes and data-dependent sizes: every size in it is a plain int.
+assertion nodes.
+
+A graph captured with symbolic sizes (``capture_guarded(symbolic=True)``) keeps its
+data-dependent sizes as unbacked symbols; its assertions are the decisions the trace took
+with this call's values (``Ne(u0, 0)``: the selection was not empty), so the same ``Guards``
+check a plan that serves every length they allow. ``Guards.symbols`` names those sizes.
 """
 
 from __future__ import annotations
@@ -42,6 +47,12 @@ class Guards:
     """Takes the call's inputs (the captured graph's signature); returns one bool per condition."""
     conditions: tuple[str, ...]
     """Each condition as export states it (``Eq(u0, 4)``), for the report and errors."""
+    symbols: tuple[str, ...] = ()
+    """The data-dependent sizes the graph keeps symbolic, each with the op and model line that
+    makes it; empty when every size is specialized to the capturing call's values."""
+    why_specialized: str | None = None
+    """Why the graph was specialized although symbolic sizes were asked for (the step that
+    needed a concrete value, and of what); ``None`` if it was not asked or not needed."""
 
     def hold(self, inputs: dict[str, Any]) -> bool:
         """Whether the plan's specialization is valid for this call."""
@@ -53,6 +64,15 @@ class Guards:
         # export states ``u0 >= 4`` and ``u0 <= 4`` beside ``Eq(u0, 4)``: the equalities say it all
         decisive = [c for c in self.conditions if c.startswith(("Eq(", "Ne("))]
         return ", ".join(decisive or self.conditions)
+
+    def report_line(self) -> str:
+        """What the plan keeps symbolic or is specialized on, for ``opt.report()``."""
+        checked = "checked on every call; captured again when they fail"
+        if self.symbols:
+            valid = f"; valid while {self.describe()}" if self.conditions else ""
+            return f"symbolic sizes kept: {', '.join(self.symbols)}{valid} ({checked})"
+        why = f"; {self.why_specialized}" if self.why_specialized else ""
+        return f"specialized on data-dependent values: {self.describe()} ({checked}{why})"
 
 
 def _condition_text(node: torch.fx.Node) -> str:
@@ -105,20 +125,27 @@ def _erase_with_dead_inputs(graph: torch.fx.Graph, nodes: list[torch.fx.Node]) -
             erased.add(n)
 
 
-def split_guards(gm: torch.fx.GraphModule) -> Guards | None:
-    """Move the data-dependent assertions of ``gm`` into ``Guards`` (in place); ``None`` if none.
+def split_guards(
+    gm: torch.fx.GraphModule, *, symbols: tuple[str, ...] = (), why_specialized: str | None = None
+) -> Guards | None:
+    """Move the data-dependent assertions of ``gm`` into ``Guards`` (in place); ``None`` if
+    there are none and ``gm`` keeps no symbolic size (``symbols``, named in the report).
 
     The nodes that computed only the assertions become dead and are removed, so passes never
     see ``_local_scalar_dense``-only chains or symbolic comparisons.
     """
     asserts = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _ASSERTIONS]
-    if not asserts:
+    if not asserts and not symbols:
         return None
     conditions = [a.args[0] for a in asserts]
     texts = tuple(dict.fromkeys(_condition_text(a) for a in asserts))
-    guards = Guards(gm=_guard_graph(gm, conditions), conditions=texts)
-    facts = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _RANGE_FACTS]
-    _erase_with_dead_inputs(gm.graph, asserts + facts)
-    gm.recompile()
+    guards = Guards(gm=_guard_graph(gm, conditions), conditions=texts, symbols=symbols,
+                    why_specialized=why_specialized)
+    if not symbols:
+        facts = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _RANGE_FACTS]
+        _erase_with_dead_inputs(gm.graph, asserts + facts)
+        gm.recompile()
+    # else the graph keeps them: a compiler tracing it again (Inductor) needs the facts
+    # (``Ne(u0, 0)``) to take the decisions the capture took; they cost a scalar check
     log.debug("graph specialized on %d data-dependent condition(s): %s", len(texts), guards.describe())
     return guards

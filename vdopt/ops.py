@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from vdopt.kernels.dispatch import attention_forward, triton_available
+from vdopt.kernels.dispatch import attention_forward, attention_fp8_forward, triton_available
 
 # =============================================================================================
 # Attention
@@ -70,6 +70,38 @@ else:
 # An explicit fake: triton_op would otherwise trace its body, which launches the Triton
 # interpreter on fake tensors under TRITON_INTERPRET=1.
 attention.register_fake(_attention_fake)
+
+# ``vdopt::attention_fp8(q, k, v, scale, key_mask?) -> (out, lse)``: the same contract, with
+# Q, K and V quantized to e4m3 (``kernels="fp8"``, approximate: ``kernels/fp8_attention.py``).
+
+
+def _attention_fp8_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    key_mask: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from torch.library import wrap_triton
+
+    return attention_fp8_forward(q, k, v, scale, key_mask, wrap=wrap_triton)
+
+
+def _attention_fp8_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    key_mask: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return attention_fp8_forward(q, k, v, scale, key_mask)
+
+
+if triton_available():
+    attention_fp8 = torch.library.triton_op("vdopt::attention_fp8", _attention_fp8_triton, mutates_args=())
+else:
+    attention_fp8 = torch.library.custom_op("vdopt::attention_fp8", _attention_fp8_reference, mutates_args=())
+attention_fp8.register_fake(_attention_fake)
 
 
 # =============================================================================================

@@ -4,8 +4,8 @@ A site's kind comes from three structural facts, none of them module names:
 
 * where its K/V come from: the projections feeding q and k are found by walking back from
   the SDPA node; if k's projections read another token stream than q's, it is ``cross``;
-* its sequence length against the video token grid (``VideoLayout``, read off the patch
-  embedding convolution): ``T*H*W`` is ``full``, ``H*W`` with batch ``B*T`` is ``spatial``,
+* its sequence length against the video token grid (``VideoLayout``, found by ``grid.py``):
+  ``T*H*W`` is ``full``, ``H*W`` with batch ``B*T`` is ``spatial``,
   ``T`` with batch ``B*H*W`` is ``temporal``;
 * text tokens concatenated into the sequence (``T*H*W + text``) make it ``joint_text``;
   queries that do not depend on the latent at all (a text refiner) make it ``text``.
@@ -23,6 +23,9 @@ import torch
 import torch.fx
 
 from vdopt import meta
+from vdopt.passes.analysis.grid import derive_layout
+from vdopt.passes.analysis.latent import depends_on_latent, text_lengths
+from vdopt.passes.analysis.latent import shape as _shape
 from vdopt.passes.analysis.sites import AttentionSite, Kind, VideoLayout
 
 log = logging.getLogger(__name__)
@@ -32,7 +35,6 @@ SDPA = aten.scaled_dot_product_attention.default
 
 # Nodes that project tokens into q/k/v: the walk back from an SDPA input stops here.
 _PROJECTIONS = {aten.linear.default, aten.addmm.default, aten.mm.default, aten.matmul.default}
-_CONVS = {aten.conv2d.default, aten.conv3d.default, aten.convolution.default}
 # The outermost ``name.<index>`` of a path: ``transformer_blocks.0`` in
 # ``transformer_blocks.0.attn1.to_out.0`` (the ``to_out.0`` index is not a block).
 _BLOCK_RE = re.compile(r"^(.*?\.\d+)(\.|$)")
@@ -40,11 +42,6 @@ _BLOCK_RE = re.compile(r"^(.*?\.\d+)(\.|$)")
 
 def find_attention_nodes(graph: torch.fx.Graph) -> list[torch.fx.Node]:
     return [n for n in graph.nodes if n.op == "call_function" and n.target is SDPA]
-
-
-def _shape(node: torch.fx.Node) -> tuple[int, ...] | None:
-    val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
-    return tuple(int(s) for s in val.shape) if isinstance(val, torch.Tensor) else None
 
 
 def projections_feeding(node: torch.fx.Node) -> list[torch.fx.Node]:
@@ -89,58 +86,6 @@ def block_of(node: torch.fx.Node) -> str | None:
     return None
 
 
-def _output_shapes(graph: torch.fx.Graph) -> set[tuple[int, ...]]:
-    out = next(iter(graph.find_nodes(op="output")), None)
-    if out is None:
-        return set()
-    leaves = [a for a in torch.utils._pytree.tree_leaves(out.args) if isinstance(a, torch.fx.Node)]
-    return {s for s in (_shape(a) for a in leaves) if s is not None}
-
-
-def _latent_placeholder(graph: torch.fx.Graph) -> torch.fx.Node | None:
-    """The video latent: the largest 4-D or 5-D floating point input; without one (packed
-    latents, pre-patchified tokens), the floating point input shaped like an output (a
-    denoiser predicts its latent's shape), else the largest 3-D one."""
-    floats = [n for n in graph.find_nodes(op="placeholder")
-              if isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].is_floating_point()]
-    grids = [n for n in floats if n.meta["val"].dim() in (4, 5)]
-    if grids:
-        return max(grids, key=lambda n: n.meta["val"].numel())
-    outputs = _output_shapes(graph)
-    same = [n for n in floats if _shape(n) in outputs]
-    tokens = same or [n for n in floats if n.meta["val"].dim() == 3]
-    return max(tokens, key=lambda n: n.meta["val"].numel()) if tokens else None
-
-
-def text_lengths(graph: torch.fx.Graph) -> set[int]:
-    """Sequence lengths of 3-D floating point inputs: candidate text token counts."""
-    lengths = set()
-    for n in graph.find_nodes(op="placeholder"):
-        val = n.meta.get("val")
-        if isinstance(val, torch.Tensor) and val.is_floating_point() and val.dim() == 3:
-            lengths.add(int(val.shape[1]))
-    return lengths
-
-
-def derive_layout(graph: torch.fx.Graph) -> VideoLayout | None:
-    """Token grid of the latent, read off the first (patch embedding) convolution."""
-    latent = _latent_placeholder(graph)
-    conv = next((n for n in graph.nodes if n.op == "call_function" and n.target in _CONVS), None)
-    if latent is None or conv is None:
-        return None
-    batch = _shape(latent)[0]
-    out = _shape(conv)
-    if len(out) == 5:  # conv3d: (B, C, T, H, W)
-        frames, height, width = out[2], out[3], out[4]
-    elif len(out) == 4 and out[0] % batch == 0:  # conv2d over frames: (B*T, C, H, W)
-        frames, height, width = out[0] // batch, out[2], out[3]
-    else:
-        return None
-    lengths = text_lengths(graph)
-    text_len = max(lengths) if lengths else None
-    return VideoLayout(batch=batch, frames=frames, height=height, width=width, text_len=text_len)
-
-
 def _self_attention_kind(
     node: torch.fx.Node, batch: int, q_len: int, layout: VideoLayout | None, texts: set[int]
 ) -> tuple[Kind, tuple[str, ...]]:
@@ -166,16 +111,6 @@ def _self_attention_kind(
         node.name, q_len, batch, layout.frames, layout.height, layout.width,
     )
     return "full", ("T", "H", "W")
-
-
-def depends_on_latent(graph: torch.fx.Graph) -> set[torch.fx.Node]:
-    """Every node computed from the video latent input."""
-    latent = _latent_placeholder(graph)
-    reached = {latent} if latent is not None else set()
-    for n in graph.nodes:
-        if any(a in reached for a in n.all_input_nodes):
-            reached.add(n)
-    return reached
 
 
 def classify(

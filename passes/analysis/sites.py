@@ -25,6 +25,12 @@ class VideoLayout:
     """W: patches along the width."""
     text_len: int | None = None
     """Number of text tokens, when the model takes a text sequence."""
+    source: str | None = None
+    """Name of the graph node the grid is read off: the patch embedding convolution, the
+    reshape that merges ``(T, H, W)`` into tokens, or where flat tokens arrive (``grid.py``)."""
+    source_dim: int | None = None
+    """The dim of ``source`` holding the ``T*H*W`` tokens; None for a convolution, whose
+    output holds T, H and W in dims of their own."""
 
     @property
     def spatial_tokens(self) -> int:

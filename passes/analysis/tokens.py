@@ -31,6 +31,7 @@ from collections import Counter
 
 import torch
 import torch.fx
+from torch.fx.experimental.symbolic_shapes import guard_or_true, statically_known_true
 
 from vdopt.passes.dims.rules import DimOp, dim_args, dim_map, op_rule, permutation, shape_of
 
@@ -60,20 +61,22 @@ def _reshape_source(node: torch.fx.Node, dim: int) -> tuple[int | None, tuple[in
     ins, out = shape_of(x), shape_of(node)
     if ins is None or out is None:
         return None, ()
+    # size-oblivious where a size comes from tensor values (u0): equal only if equal for every
+    # value; an unknown order taken as "the size is large" (guard_or_true), as torch does
     after = math.prod(out[dim + 1:])
     for i in range(len(ins)):
-        if math.prod(ins[i + 1:]) != after:
+        if not statically_known_true(math.prod(ins[i + 1:]) == after):
             continue
         # input dims i0..i multiply to out[dim]: merged (or one dim kept whole)
         acc, j = 1, i
-        while j >= 0 and acc < out[dim]:
+        while j >= 0 and guard_or_true(acc < out[dim]):
             acc *= ins[j]
             j -= 1
-        if acc != out[dim]:
+        if not statically_known_true(acc == out[dim]):
             continue
-        merged = tuple(s for s in ins[j + 1: i + 1] if s != 1)
+        merged = tuple(s for s in ins[j + 1: i + 1] if guard_or_true(s != 1))
         if len(merged) <= 1:
-            k = next((m for m in range(j + 1, i + 1) if ins[m] == out[dim]), None)
+            k = next((m for m in range(j + 1, i + 1) if statically_known_true(ins[m] == out[dim])), None)
             return k, ()
         return None, merged
     return None, ()
@@ -132,11 +135,11 @@ def _back(node: torch.fx.Node, dim: int, from_latent: set[torch.fx.Node]) -> lis
     return None
 
 
-def origins_of(sdpa: torch.fx.Node, from_latent: set[torch.fx.Node]) -> list[TokenOrigin]:
-    """Where the query sequence dim of ``sdpa`` is created, among nodes computed from the latent."""
+def origins_from(starts: list[tuple[torch.fx.Node, int]], from_latent: set[torch.fx.Node]) -> list[TokenOrigin]:
+    """Where the given (node, dim)s are created, among nodes computed from the latent."""
     found: dict[tuple[torch.fx.Node, int], TokenOrigin] = {}
     seen: set[tuple[torch.fx.Node, int]] = set()
-    stack = [(sdpa.args[0], 2)]
+    stack = list(starts)
     while stack:
         node, dim = stack.pop()
         if (node, dim) in seen or node not in from_latent:
@@ -147,10 +150,54 @@ def origins_of(sdpa: torch.fx.Node, from_latent: set[torch.fx.Node]) -> list[Tok
             stack.extend(srcs)
             continue
         grid = ()
-        if node.op == "call_function" and op_rule(node.target) is not None and op_rule(node.target).kind is DimOp.RESHAPE:
+        if _is_reshape(node):
             grid = _reshape_source(node, dim)[1]
         found[(node, dim)] = TokenOrigin(node=node, dim=dim, size=shape_of(node)[dim], grid=grid)
     return list(found.values())
+
+
+def origins_of(sdpa: torch.fx.Node, from_latent: set[torch.fx.Node]) -> list[TokenOrigin]:
+    """Where the query sequence dim of ``sdpa`` is created, among nodes computed from the latent."""
+    return origins_from([(sdpa.args[0], 2)], from_latent)
+
+
+def _is_reshape(node: torch.fx.Node) -> bool:
+    rule = op_rule(node.target) if node.op == "call_function" else None
+    return rule is not None and rule.kind is DimOp.RESHAPE
+
+
+def _containing_input_dim(node: torch.fx.Node, dim: int) -> int | None:
+    """For output ``dim`` of a reshape that *splits* an input dim (``(B, T*S, C) -> (B*T, S, C)``):
+    the input dim it is cut from."""
+    ins, out = shape_of(node.args[0]), shape_of(node)
+    if ins is None or out is None or not all(isinstance(s, int) for s in (*ins, *out)):
+        return None  # data-dependent sizes: left where they are (no guard on them)
+    stride, span = math.prod(out[dim + 1:]), math.prod(out[dim:])
+    for i in range(len(ins)):
+        in_stride = math.prod(ins[i + 1:])
+        if ins[i] > out[dim] and in_stride <= stride and stride % in_stride == 0 and in_stride * ins[i] >= span:
+            return i
+    return None
+
+
+def stream_origin(sdpas: list[torch.fx.Node], from_latent: set[torch.fx.Node]) -> TokenOrigin | None:
+    """Where the latent's whole token stream is created: the attention sites' origins, followed
+    back through reshapes that cut the stream apart (spatial attention's ``(B*T, H*W)``, temporal
+    attention's ``(B*H*W, T)``) to the dim they are cut from; the longest such origin."""
+    found: dict[tuple[torch.fx.Node, int], TokenOrigin] = {}
+    for s in sdpas:
+        todo = origins_of(s, from_latent)
+        while todo:
+            o = todo.pop()
+            src = _containing_input_dim(o.node, o.dim) if _is_reshape(o.node) and not o.grid else None
+            if src is None:
+                found.setdefault((o.node, o.dim), o)
+            else:
+                todo.extend(origins_from([(o.node.args[0], src)], from_latent))
+    if not found:
+        return None
+    order = {n: i for i, n in enumerate(sdpas[0].graph.nodes)}
+    return max(found.values(), key=lambda o: (o.size if isinstance(o.size, int) else -1, -order[o.node]))
 
 
 def find_token_origin(sdpas: list[torch.fx.Node], from_latent: set[torch.fx.Node]) -> TokenOrigin | None:

@@ -13,7 +13,7 @@ import torch
 import torch.fx
 
 from vdopt.passes.base import PassContext, PassResult
-from vdopt.passes.graph_utils import insert_call
+from vdopt.passes.graph_utils import eliminate_dead_code, insert_call
 
 aten = torch.ops.aten
 _RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
@@ -75,10 +75,10 @@ class FoldViews:
         chains = find_view_chains(graph)
         for node in chains:
             self.rewrite_chain(graph, node)
-        graph.eliminate_dead_code()
+        eliminate_dead_code(graph)
         identities = find_identity_views(graph)
         for node in identities:
             self.rewrite_identity(node)
-        graph.eliminate_dead_code()
+        eliminate_dead_code(graph)
         stats = {"folded_chains": len(chains), "removed_identities": len(identities)}
         return PassResult(gm=gm, modified=bool(chains or identities), stats=stats)

@@ -9,7 +9,8 @@ knows the rewrites every consumer of the op table needs:
 * ``resized``: a view, reshape, expand or unflatten with its literal sizes recomputed for a
   new output shape (export bakes concrete sizes into them);
 * shorthands for slices, reshapes, permutes and cats that skip no-ops, and the functional
-  collectives sequence parallelism inserts (with their ``CommRecord``).
+  collectives sequence parallelism inserts (with their ``CommRecord``): all-to-all, all-gather,
+  and all-reduce of the partial results of a reduction over split rows.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ import torch
 import torch.fx
 
 from vdopt import meta
-from vdopt.collectives import ALL_GATHER, ALL_TO_ALL, WAIT, CommRecord
+from vdopt.collectives import ALL_GATHER, ALL_REDUCE, ALL_TO_ALL, WAIT, CommRecord, all_reduce_bytes
 from vdopt.mesh import AxisGroup
-from vdopt.passes.dims.rules import DimOp, op_rule, with_arg
+from vdopt.passes.dims.rules import DimOp, op_rule, size_value, with_arg
 from vdopt.passes.graph_utils import fake_mode_of, insert_call, propagate_value
 
 aten = torch.ops.aten
@@ -106,10 +107,10 @@ class Emitter:
         with self.fake_mode:
             return torch.empty(tuple(shape), dtype=like.dtype, device=like.device)
 
-    # -- shorthands (all shapes are the values' own, concrete) ---------------------------------
+    # -- shorthands (all shapes are the values' own: ints, a SymInt for an unbacked size) ------
     @staticmethod
     def shape(x: torch.fx.Node) -> tuple[int, ...]:
-        return tuple(int(s) for s in x.meta["val"].shape)
+        return tuple(size_value(s) for s in x.meta["val"].shape)
 
     def slice(self, x: torch.fx.Node, dim: int, start: int, end: int) -> torch.fx.Node:
         if start == 0 and end >= self.shape(x)[dim]:
@@ -182,3 +183,11 @@ class Emitter:
         sent = val.numel() * val.dtype.itemsize * (group.size - 1)
         gathered.meta[meta.COMM] = CommRecord(kind="all_gather", bytes=sent, purpose=purpose, axis=group.axis)
         return self.call(WAIT, (gathered,))
+
+    def all_reduce(self, x: torch.fx.Node, group: AxisGroup, op: str, purpose: str) -> torch.fx.Node:
+        """The elementwise ``op`` (``sum``, ``max``, ``min``) of ``x`` over the ranks of ``group``."""
+        reduced = self.call(ALL_REDUCE, (self.contiguous(x), op, group.group_name))
+        val = x.meta["val"]
+        sent = all_reduce_bytes(val.numel() * val.dtype.itemsize, group.size)
+        reduced.meta[meta.COMM] = CommRecord(kind="all_reduce", bytes=sent, purpose=purpose, axis=group.axis)
+        return self.call(WAIT, (reduced,))

@@ -11,6 +11,10 @@ how each op moves dims comes from the op table (``dims/rules.py``):
 * ``scaled_dot_product_attention`` is local when only batch/head dims or the query rows are
   sharded (cross-attention to text stays on the query shard); self-attention over a sharded
   sequence goes to the ``seq_attention`` callback (Ulysses, Ring);
+* a sum, mean, max or min over a split dim, and a matmul or einsum contracting one (the
+  ``K^T V`` of linear attention), runs on each rank's own rows: a partial result, completed
+  by an all-reduce over the split's mesh axes, after which the result is replicated along
+  that dim (ops reading it per token, ``Q (K^T V)``, stay split);
 * anything else (a reshape that cuts a sharded factor, such as unpatchify, or an op without
   a rule) first *gathers* its sharded inputs. Gathering is always exact, so an unknown op
   costs speed, never correctness.
@@ -43,6 +47,11 @@ log = logging.getLogger(__name__)
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
+_PARTIAL_OPS = {aten.sum.dim_IntList: "sum", aten.sum.default: "sum", aten.mean.dim: "sum", aten.mean.default: "sum",
+                aten.amax.default: "max", aten.amin.default: "min"}
+"""Reductions a rank can run on its own rows of a split dim, and how the ranks' partial results
+combine (``all_reduce``'s op; a mean is a sum divided by the global count)."""
+_MEAN_AS_SUM = {aten.mean.dim: aten.sum.dim_IntList, aten.mean.default: aten.sum.default}
 
 
 class NeedGather(Exception):
@@ -396,6 +405,45 @@ class ShardPropagator:
         final[ax] = exp[ax] * g
         return em.reshape(ye, _merge_factors(final, shape, dims, first))
 
+    # -- partial results over split rows ----------------------------------------------------
+    def _partial_axes(self, split: Sequence[Dim], out_layout: ShardedShape | None) -> tuple[AxisGroup, ...]:
+        """The mesh axes over which the ranks hold disjoint rows of the reduced dims ``split``:
+        reducing its own rows gives each rank a partial result, completed by an all-reduce
+        over these axes. Each row is held by exactly one rank of them (uneven chunks hold no
+        padding), so the all-reduce counts each once."""
+        axes: list[AxisGroup] = []
+        for d in split:
+            if d.joint:
+                raise NeedGather("reduces a split dim with replicated rows (each rank would count them)")
+            for f in d.factors:
+                if f.split is not None:
+                    axes.extend(a for a in f.split.axes if a not in axes)
+        kept = {a.axis for _, _, f in out_layout.sharded_factors() for a in f.split.axes} if out_layout else set()
+        if kept & {a.axis for a in axes}:
+            raise NeedGather("the reduced dim and a kept dim are split over the same mesh axis")
+        return tuple(axes)
+
+    def complete_partial(self, node: torch.fx.Node, axes: Sequence[AxisGroup], op: str,
+                         layout: ShardedShape | None, *, divisor: int | None = None) -> torch.fx.Node:
+        """``node`` (rewritten) computes this rank's partial result: its users now read the
+        all-reduce over ``axes`` (then ``/ divisor``), which has ``layout``."""
+        self.emit.revalue(node)
+        users = list(node.users)
+        stack = node.meta.get("nn_module_stack")
+        purpose = f"partial {list(stack.values())[-1][0] if stack else node.name}"
+        with self.graph.inserting_before(node.next):
+            out = node
+            for group in axes:
+                out = self.emit.all_reduce(out, group, op, purpose)
+            if divisor is not None:
+                out = self.emit.call(aten.div.Tensor, (out, divisor))
+        for u in users:
+            u.replace_input_with(node, out)
+        if layout is not None:
+            self.layouts[out] = layout
+        self.counts["all_reduces"] += 1
+        return out
+
     # -- rules -------------------------------------------------------------------------------
     def rule(self, node: torch.fx.Node) -> Any:
         """The node's output sharding (a tuple for several outputs); rewrites its sizes to local."""
@@ -629,13 +677,22 @@ class ShardPropagator:
 
     def rule_reduction(self, node: torch.fx.Node) -> ShardedShape | None:
         layout = self.layout(node.args[0])
-        if dim_args(node) is None:
-            raise NeedGather("reduction over all dims")
         dm = dim_map(node)
-        if any(layout.dims[i].sharded for i in dm.mixed):
-            raise NeedGather("reduction over a split dim")
         new = [Dim() if i in dm.mixed else d for i, (d, to) in enumerate(zip(layout.dims, dm.out)) if to is not None]
-        return self._finish(ShardedShape(tuple(new)))
+        out_layout = self._finish(ShardedShape(tuple(new)))
+        split = [layout.dims[i] for i in sorted(dm.mixed) if layout.dims[i].sharded]
+        if not split:
+            return out_layout
+        op = _PARTIAL_OPS.get(node.target)
+        if op is None:
+            raise NeedGather("reduction over a split dim that is not a sum, mean, max or min")
+        axes = self._partial_axes(split, out_layout)
+        divisor = None
+        if node.target in _MEAN_AS_SUM:  # local sums, all-reduced, over the global count
+            divisor = math.prod(layout.dims[i].size for i in dm.mixed)
+            node.target = _MEAN_AS_SUM[node.target]
+        self.complete_partial(node, axes, op, out_layout, divisor=divisor)
+        return out_layout
 
     def rule_linear(self, node: torch.fx.Node) -> ShardedShape | None:
         x = node.args[0]
@@ -656,23 +713,37 @@ class ShardPropagator:
         return ShardedShape((layout.dims[0],) + tuple(Dim.plain(n) for n in out[1:]))
 
     def rule_matmul(self, node: torch.fx.Node) -> ShardedShape | None:
+        """``a @ b`` with either operand split along any dim. Split rows of ``a`` or columns
+        of ``b`` stay split in the output; a split contracted dim (``K^T V`` over split
+        tokens) gives a partial product, all-reduced. A replicated operand is cut to match."""
         a, b = node.args[0], node.args[1]
-        if not self.is_sharded(a) or self.is_sharded(b):
-            raise NeedGather("only the left operand may be split")
-        la = self.layout(a)
-        if len(la.dims) < 2 or any(la.dims[i].sharded for i in dim_map(node).mixed):
-            raise NeedGather("contracts a split dim")
+        sa, sb = self.global_shape(a), self.global_shape(b)
+        if len(sa) < 2 or len(sb) < 2:
+            raise NeedGather("matrix-vector product")
+        la = self.layout(a) or ShardedShape(tuple(Dim.plain(n) for n in sa))
+        lb = self.layout(b) or ShardedShape(tuple(Dim.plain(n) for n in sb))
         out = self._out_shape(node)
-        if len(out) != len(la.dims):
-            raise NeedGather("matmul broadcasts the right operand's batch dims")
-        layout = la.with_dim(len(out) - 1, Dim.plain(out[-1]))
-        b_shape = tuple(int(s) for s in b.meta["val"].shape)
-        if len(b_shape) > 2:
-            batch = ShardedShape(layout.dims[:-2]).aligned(len(b_shape) - 2)
-            need = [(e, batch.dims[e]) for e in range(len(b_shape) - 2)
-                    if batch.dims[e].sharded and b_shape[e] == batch.dims[e].size and b_shape[e] != 1]
-            if need:
-                node.args = (a, self.localize(b, need)) + tuple(node.args[2:])
+        nb = len(out) - 2
+        batch = self._merge_dims(out[:-2], [ShardedShape(lx.dims[:-2]).aligned(nb) for lx in (la, lb)])
+        ka, kb = la.dims[-1], lb.dims[-2]
+        if ka.sharded and kb.sharded and ka.placement() != kb.placement():
+            raise NeedGather("operands split differently along the contracted dim")
+        k = ka if ka.sharded else kb
+        layout = self._finish(ShardedShape(batch.dims + (la.dims[-2], lb.dims[-1])))
+        axes = self._partial_axes([k], layout) if k.sharded else ()
+        if layout is not None:
+            split_axes = [a.axis for _, _, f in layout.sharded_factors() for a in f.split.axes]
+            if len(split_axes) != len(set(split_axes)):
+                raise NeedGather("two output dims split over one mesh axis")
+        new = []
+        for x, lx, matrix in ((a, la, (la.dims[-2], k)), (b, lb, (k, lb.dims[-1]))):
+            want = batch.dims[nb - (len(lx.dims) - 2):] + matrix  # batch dims broadcast right-aligned
+            need = [(e, w) for e, (w, own) in enumerate(zip(want, lx.dims))
+                    if w.sharded and not own.sharded and own.size == w.size and own.size != 1]
+            new.append(self.localize(x, need) if need else x)
+        node.args = tuple(new) + tuple(node.args[2:])
+        if axes:
+            self.complete_partial(node, axes, "sum", layout)
         return layout
 
     def rule_einsum(self, node: torch.fx.Node) -> ShardedShape | None:
@@ -688,8 +759,6 @@ class ShardPropagator:
                 continue
             for ch, d in zip(letters, lay.dims):
                 if d.sharded:
-                    if ch not in out_letters:
-                        raise NeedGather("einsum contracts a split dim")
                     if ch in letter_dim and letter_dim[ch].placement() != d.placement():
                         raise NeedGather("einsum operands split differently")
                     letter_dim[ch] = d
@@ -705,9 +774,15 @@ class ShardPropagator:
             shape = tuple(int(s) for s in x.meta["val"].shape)
             need = [(e, letter_dim[ch]) for e, ch in enumerate(letters) if ch in letter_dim and shape[e] != 1]
             new_ops.append(self.localize(x, need))
-        node.args = (eq, new_ops)
         out = self._out_shape(node)
-        return self._finish(ShardedShape(tuple(letter_dim.get(ch, Dim.plain(out[i])) for i, ch in enumerate(out_letters))))
+        dims = tuple(letter_dim.get(ch, Dim.plain(out[i])) for i, ch in enumerate(out_letters))
+        layout = self._finish(ShardedShape(dims))
+        contracted = [d for ch, d in letter_dim.items() if ch not in out_letters]
+        axes = self._partial_axes(contracted, layout) if contracted else ()
+        node.args = (eq, new_ops)
+        if axes:  # a sum over split rows: partial on each rank
+            self.complete_partial(node, axes, "sum", layout)
+        return layout
 
     def rule_repeat_interleave(self, node: torch.fx.Node) -> ShardedShape | None:
         x = node.args[0]

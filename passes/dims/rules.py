@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 import torch.fx
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 aten = torch.ops.aten
 
@@ -85,7 +86,8 @@ class DimOp(enum.Enum):
     """The last dim packed into complex numbers or unpacked (``view_as_complex`` of ``(..., 2)``,
     ``view_as_real``: complex RoPE); the other dims kept."""
     COLLECTIVE = "collective"
-    """A functional collective: exchanges or gathers along dim 0; ``wait_tensor`` keeps dims."""
+    """A functional collective: exchanges or gathers along dim 0 (``all_reduce`` and
+    ``wait_tensor`` keep dims)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,6 +171,8 @@ def _rule_table() -> dict[Any, OpRule]:
         aten.concatenate.default: R(DimOp.CAT, dims=("dim",)),
         aten.stack.default: R(DimOp.STACK, dims=("dim",), dims_of_output=True),
         **{op: R(DimOp.REDUCE, dims=("dim",)) for op in reduce},
+        aten.sum.default: R(DimOp.REDUCE),  # over every dim
+        aten.mean.default: R(DimOp.REDUCE),
         aten.layer_norm.default: R(DimOp.NORMALIZE, sizes="normalized_shape"),
         aten.rms_norm.default: R(DimOp.NORMALIZE, sizes="normalized_shape"),
         **{op: R(DimOp.ALONG, dims=("dim",)) for op in along},
@@ -190,6 +194,7 @@ def _rule_table() -> dict[Any, OpRule]:
         vdopt_ops.stage_boundary.default: R(DimOp.CARRY),
         c10d.all_to_all_single.default: R(DimOp.COLLECTIVE),
         c10d.all_gather_into_tensor.default: R(DimOp.COLLECTIVE),
+        c10d.all_reduce.default: R(DimOp.COLLECTIVE),
         c10d.wait_tensor.default: R(DimOp.COLLECTIVE),
     }
 
@@ -217,10 +222,23 @@ def op_rule(target: Any) -> OpRule | None:
 # -- reading a node's arguments ---------------------------------------------------------------
 
 
-def shape_of(x: Any) -> tuple[int, ...] | None:
-    """The concrete shape of a node's tensor value, or None."""
+def shape_of(x: Any) -> tuple[int | torch.SymInt, ...] | None:
+    """The shape of a node's tensor value, or None: ints, and a ``SymInt`` for a size taken
+    from tensor values (unbacked, ``u0``) in a graph captured with symbolic sizes."""
     val = x.meta.get("val") if isinstance(x, torch.fx.Node) else None
-    return tuple(int(s) for s in val.shape) if isinstance(val, torch.Tensor) else None
+    return tuple(size_value(s) for s in val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def size_value(size: int | torch.SymInt) -> int | torch.SymInt:
+    """``int(size)``, or ``size`` itself when it has no value until run time (unbacked): code
+    that compares it must do so size-obliviously (``statically_known_true``) or fail, and a
+    failure makes the executable specialize the plan on the call's values."""
+    if isinstance(size, torch.SymInt) and not size.node.has_hint():
+        try:
+            return int(size)  # a size the capture pinned (``Eq(u0, 4)``)
+        except GuardOnDataDependentSymNode:
+            return size
+    return int(size)
 
 
 def first_input(node: torch.fx.Node) -> Any:
@@ -269,6 +287,8 @@ def dim_args(node: torch.fx.Node) -> list[int] | None:
     rule = op_rule(node.target)
     if rule.kind is DimOp.PERMUTE and not rule.dims:  # t()
         return [0, 1]
+    if rule.kind is DimOp.REDUCE and not rule.dims:  # sum(), mean(): every dim
+        return None
     rank = dim_rank(node, rule)
     out = []
     for name in rule.dims:
@@ -293,7 +313,8 @@ def permutation(node: torch.fx.Node) -> list[int]:
 
 def keepdim(node: torch.fx.Node) -> bool:
     """Whether a reduction keeps its reduced dims (size 1)."""
-    return bool(arg(node, "keepdim"))
+    has = any(a.name == "keepdim" for a in node.target._schema.arguments)
+    return bool(arg(node, "keepdim")) if has else False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,6 +18,8 @@ import dataclasses
 import math
 from typing import Sequence
 
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
 from vdopt.mesh import AxisGroup
 
 
@@ -102,7 +104,8 @@ class Dim:
 
     @staticmethod
     def plain(size: int, label: str = "?") -> "Dim":
-        return Dim(() if size == 1 else (Factor(label, size),))
+        # an unbacked size (u0) is one factor even where it may be 1: size-oblivious
+        return Dim(() if statically_known_true(size == 1) else (Factor(label, size),))
 
     @property
     def body(self) -> int:

@@ -14,6 +14,12 @@ output strides differ is kept, so no later ``view`` can break.
 With ``choose`` (the pipeline sets it for ``kernels="auto"``: ``kernels/selection.py``), a
 supported site is lowered only where the kernel is measured faster than SDPA on its exact
 inputs; the others are kept as ``slower``, with both times in the report's per-site column.
+
+With ``kernels="fp8"`` (approximate, opt-in) every supported site is lowered to
+``vdopt::attention_fp8`` (Q, K and V in e4m3: ``kernels/fp8_attention.py``), except short
+unmasked ones (temporal attention, at most ``SHORT_SEQ_LEN`` tokens), which are memory-bound:
+fp8 would only add quantization error there, so they get the exact kernel. A device without
+fp8 tensor cores is refused when the pass runs, with what to use instead.
 """
 
 from __future__ import annotations
@@ -53,6 +59,8 @@ class LoweringSite:
     """The boolean key-padding mask node, if any."""
     mask_batch: int = 1
     """Leading dim of the mask (1 or B); it is expanded to B."""
+    fp8: bool = False
+    """Lowered to the approximate fp8 op (``kernels="fp8"``) instead of the exact one."""
 
 
 def sdpa_arguments(node: torch.fx.Node) -> dict:
@@ -97,6 +105,15 @@ def _check_site(node: torch.fx.Node) -> LoweringSite:
     return LoweringSite(node=node, reason=None, scale=float(scale), mask=mask, mask_batch=mask_batch)
 
 
+def _short(site: LoweringSite) -> bool:
+    """Whether the site takes the short-sequence (temporal) kernel: memory-bound, kept exact."""
+    from vdopt.kernels.dispatch import SHORT_SEQ_LEN
+
+    args = sdpa_arguments(site.node)
+    sq, skv = args["query"].meta["val"].shape[-2], args["key"].meta["val"].shape[-2]
+    return site.mask is None and sq <= SHORT_SEQ_LEN and skv <= SHORT_SEQ_LEN
+
+
 def find_sdpa_sites(graph: torch.fx.Graph) -> list[LoweringSite]:
     """Every SDPA node with its lowering decision, in graph order (pure: no rewrite)."""
     return [_check_site(n) for n in call_function_nodes(graph, aten.scaled_dot_product_attention.default)]
@@ -106,8 +123,9 @@ def find_sdpa_sites(graph: torch.fx.Graph) -> list[LoweringSite]:
 class SdpaToTriton:
     """Replace SDPA sites the Triton kernels support with ``vdopt::attention``.
 
-    Runs when ``ctx.kernels`` is ``"triton"``, or ``"auto"`` on a CUDA device; never for
-    ``"sdpa"``. Run it last: other passes match SDPA nodes.
+    Runs when ``ctx.kernels`` is ``"triton"`` or ``"fp8"``, or ``"auto"`` on a CUDA device;
+    never for ``"sdpa"``. Run it last: other passes match SDPA nodes. Its tier is ``exact``
+    except with ``kernels="fp8"``, which the user asks for by name.
     """
 
     name: ClassVar[str] = "sdpa_to_triton"
@@ -120,7 +138,7 @@ class SdpaToTriton:
     def enabled(self, ctx: PassContext) -> bool:
         from vdopt.kernels.dispatch import triton_available
 
-        if ctx.kernels == "triton":
+        if ctx.kernels in ("triton", "fp8"):
             return True
         return ctx.kernels == "auto" and ctx.device.type == "cuda" and triton_available()
 
@@ -143,7 +161,7 @@ class SdpaToTriton:
                     )
             attention = insert_call(
                 graph,
-                torch.ops.vdopt.attention.default,
+                torch.ops.vdopt.attention_fp8.default if site.fp8 else torch.ops.vdopt.attention.default,
                 (q, k, args["value"], site.scale, key_mask),
                 created_by=self.name,
                 like=node,
@@ -178,6 +196,11 @@ class SdpaToTriton:
         timings: dict[torch.fx.Node, str] = {}
         if self.choose is not None:
             sites = [self._measured(site, timings) for site in sites]
+        if ctx.kernels == "fp8":
+            from vdopt.kernels.fp8_attention import check_fp8_device
+
+            check_fp8_device(ctx.device)
+            sites = [dataclasses.replace(site, fp8=site.reason is None and not _short(site)) for site in sites]
         kept = Counter(site.reason for site in sites if site.reason is not None)
         lowered = [site for site in sites if site.reason is None]
         for site in lowered:
@@ -185,8 +208,11 @@ class SdpaToTriton:
         if kept:
             log.info("sdpa_to_triton kept %d SDPA site(s): %s", sum(kept.values()), dict(kept))
         stats = {"lowered": len(lowered), **{f"kept_{reason}": n for reason, n in sorted(kept.items())}}
+        if ctx.kernels == "fp8":
+            stats["lowered_fp8"] = sum(site.fp8 for site in lowered)
         per_site = {
-            site.node.meta[meta.SITE].name: ("triton" if site.reason is None else f"sdpa ({site.reason})")
+            site.node.meta[meta.SITE].name: (("triton-fp8" if site.fp8 else "triton") if site.reason is None
+                                             else f"sdpa ({site.reason})")
             + (f" [{timings[site.node]}]" if site.node in timings else "")
             for site in sites
             if meta.SITE in site.node.meta

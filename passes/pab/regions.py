@@ -7,12 +7,21 @@ module's output. A region is found from the final per-rank graph, after every ot
 by module scope (``nn_module_stack``, which ``insert_call(like=...)`` copies onto new nodes):
 its outputs are the nodes in the module's scope that something outside the scope reads.
 That is what diffusers' PAB hook caches too (the attention module's return value).
+
+Attention without an SDPA node (linear attention: ``Q (K^T V)``, Sana) has no attention
+site; its module is found from the graph instead: the innermost module whose scope holds a
+matmul or einsum of two activations, each computed inside that module from its own
+projections (q/k/v). A feed-forward has projections but multiplies no two activations.
+Such a module is broadcast only when its class is an attention class (``Attention`` in the
+name of the class or a base): diffusers' hook goes by class, and structure alone would
+also take token mixers it leaves alone (SanaWM's gated delta net).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 from collections import Counter
 from collections.abc import Collection
 
@@ -20,6 +29,7 @@ import torch
 import torch.fx
 
 from vdopt import meta
+from vdopt.passes.analysis.attention import depends_on_latent
 from vdopt.passes.analysis.sites import AttentionSite
 from vdopt.passes.graph_utils import ancestors
 
@@ -41,6 +51,10 @@ PAB_KINDS: tuple[str, ...] = ("spatial", "temporal", "cross", "mlp")
 """Every PAB kind, in report order."""
 
 LINEARS = {aten.linear.default, aten.addmm.default, aten.mm.default, aten.matmul.default}
+PROJECTIONS = {aten.linear.default, aten.addmm.default}
+"""Ops that project activations with a weight (q/k/v projections)."""
+CONTRACTIONS = {aten.matmul.default, aten.bmm.default, aten.mm.default, aten.einsum.default}
+"""Ops that may multiply two activations (scores, ``K^T V``)."""
 
 
 
@@ -174,6 +188,79 @@ def find_attention_regions(
     return regions, skipped
 
 
+def _projections_reaching(node: torch.fx.Node, scope: set[torch.fx.Node]) -> set[torch.fx.Node]:
+    """Projections of ``scope`` that ``node`` is computed from, walking back inside the scope
+    (and through pass nodes without scope, a collective) and not past a projection."""
+    found, seen, stack = set(), set(), [node]
+    while stack:
+        n = stack.pop()
+        if n in seen or n.op != "call_function" or not (n in scope or _unscoped_pass_node(n)):
+            continue
+        seen.add(n)
+        if n.target in PROJECTIONS:
+            found.add(n)
+            continue
+        stack.extend(n.all_input_nodes)
+    return found
+
+
+def _is_attention_class(recorded: object) -> bool:
+    """Whether the module class ``nn_module_stack`` records (a class or its qualified name) or
+    one of its bases is named as an attention class; a class not loaded goes by its own name."""
+    cls = recorded
+    if not isinstance(cls, type):
+        module, _, name = str(recorded).rpartition(".")
+        cls = getattr(sys.modules.get(module), name, None)
+    names = [c.__name__ for c in cls.__mro__] if isinstance(cls, type) else [str(recorded).rpartition(".")[2]]
+    return any("Attention" in n for n in names)
+
+
+def _contraction_operands(node: torch.fx.Node) -> list[torch.fx.Node]:
+    operands = node.args[1] if node.target is aten.einsum.default else node.args[:2]
+    return [a for a in operands if isinstance(a, torch.fx.Node)]
+
+
+def find_linear_attention_regions(
+    graph: torch.fx.Graph, side_outputs: Collection[torch.fx.Node] = ()
+) -> list[PABRegion]:
+    """Attention modules without an attention node (see the module docstring): self-attention
+    (``full``, PAB's spatial kind) when every projection reads the latent's token stream,
+    else ``cross``."""
+    scopes, keys_of_path = _scopes(graph)
+    found: dict[str, tuple[str, set[torch.fx.Node]]] = {}
+    for n in graph.nodes:
+        if n.op != "call_function" or n.target not in CONTRACTIONS:
+            continue
+        operands = _contraction_operands(n)
+        stack = n.meta.get("nn_module_stack") or {}
+        for key, (path, cls) in reversed(list(stack.items())):  # innermost module first
+            if not _is_attention_class(cls):
+                continue
+            scope = set(scopes[key])
+            reached = [_projections_reaching(a, scope) for a in operands]
+            if len(reached) >= 2 and all(reached):
+                _, projections = found.setdefault(key, (path, set()))
+                projections.update(*reached)
+                break
+    from_latent = depends_on_latent(graph)
+    regions = []
+    for key, (path, projections) in found.items():
+        scope = scopes[key]
+        if any(_is_attention(n) for n in scope) or len(keys_of_path[path]) > 1:
+            continue  # an SDPA site's module (regions of its own), or called more than once per step
+        if any(other != key and path.startswith(p + ".") for other, (p, _) in found.items()):
+            continue  # inside another such module: the outer one is the attention module
+        outputs = region_outputs(scope, side_outputs)
+        if not outputs:
+            continue
+        streams = {p.args[0] for p in projections}
+        self_attention = len(streams) == 1 or all(s in from_latent for s in streams)
+        regions.append(PABRegion(name=path, kind="spatial" if self_attention else "cross",
+                                 site_kind="full" if self_attention else "cross",
+                                 outputs=tuple(o.name for o in outputs), scope_nodes=len(scope)))
+    return regions
+
+
 def find_feedforward_regions(graph: torch.fx.Graph, side_outputs: Collection[torch.fx.Node] = ()) -> list[PABRegion]:
     """Feed-forward modules inside transformer blocks: the outermost module in a block with
     two or more projections and no attention, and a single output."""
@@ -217,11 +304,14 @@ def find_pab_regions(
     mlp: bool = False,
     side_outputs: Collection[torch.fx.Node] = (),
 ) -> tuple[list[PABRegion], dict[str, str]]:
-    """Broadcastable regions of the final graph (attention sites, and feed-forwards if ``mlp``),
+    """Broadcastable regions of the final graph (attention sites, attention modules without an
+    attention node, and feed-forwards if ``mlp``),
     and the sites left out with the reason. ``side_outputs``: see ``region_outputs``."""
     regions, skipped = find_attention_regions(graph, sites, side_outputs)
+    regions += find_linear_attention_regions(graph, side_outputs)
     if mlp:
-        regions += find_feedforward_regions(graph, side_outputs)
+        attention = {r.name for r in regions}
+        regions += [r for r in find_feedforward_regions(graph, side_outputs) if r.name not in attention]
     return regions, skipped
 
 

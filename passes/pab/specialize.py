@@ -24,7 +24,7 @@ import torch.fx
 
 from vdopt import meta
 from vdopt.passes.base import PassContext, PassResult
-from vdopt.passes.graph_utils import ancestors
+from vdopt.passes.graph_utils import ancestors, is_level_call
 from vdopt.passes.pab.regions import PABRegion, count_compute
 
 aten = torch.ops.aten
@@ -78,7 +78,7 @@ def eliminate_dead_regions(graph: torch.fx.Graph, cone: set[torch.fx.Node]) -> N
     def is_impure(n: torch.fx.Node) -> bool:
         if n in extended and n.op == "call_function" and _removable_side_effect(n):
             return False
-        return n.is_impure(impure_random=False)
+        return n.is_impure(impure_random=False) or is_level_call(n)
 
     graph.eliminate_dead_code(is_impure_node=is_impure)
 

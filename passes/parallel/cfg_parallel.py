@@ -19,6 +19,7 @@ from vdopt.collectives import comm_stats, records
 from vdopt.passes.base import PassContext, PassResult
 from vdopt.passes.dims.propagation import ShardPropagator
 from vdopt.passes.dims.sharded_shape import Dim, Factor, ShardedShape, Split
+from vdopt.passes.graph_utils import eliminate_dead_code
 
 
 def find_batch_inputs(graph: torch.fx.Graph, batch: int) -> list[torch.fx.Node]:
@@ -64,7 +65,7 @@ class CFGParallel:
             # the export guards check the caller's full inputs
             prop.shard(p, layout, skip=lambda u: u.op == "call_module")
         prop.run()
-        gm.graph.eliminate_dead_code()
+        eliminate_dead_code(gm.graph)
         comms = records(n for n in gm.graph.nodes if n.meta.get(meta.CREATED_BY) == self.name)
         stats = {
             "inputs_split": len(inputs),

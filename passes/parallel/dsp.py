@@ -8,7 +8,10 @@ blocks that is two all-to-alls of the token stream, where Ulysses needs four (q,
 around every spatial attention: half the bytes, as the DSP paper (Zhao et al., 2024) claims.
 
 ``plan_blocks`` decides the split per block from the attention sites; ``switch_axis_hook``
-gives the ``ShardPropagator`` hook that inserts the all-to-alls.
+gives the ``ShardPropagator`` hook that inserts the all-to-alls. The frames and spatial tokens
+come from the token grid analysis found (``analysis/grid.py``): a patch embedding convolution,
+a patchify reshape, or flat tokens (packed latents) viewed as ``(T, H*W)`` through the dims
+core; ``require_grid`` refuses a model whose grid could not be told, saying what was found.
 """
 
 from __future__ import annotations
@@ -16,11 +19,24 @@ from __future__ import annotations
 import torch.fx
 
 from vdopt import meta
-from vdopt.passes.analysis.sites import AttentionSite
+from vdopt.mesh import Mesh
+from vdopt.passes.analysis.grid import find_grid
+from vdopt.passes.analysis.sites import AttentionSite, VideoLayout
 from vdopt.passes.dims.propagation import ShardPropagator
 
 WANT = {"spatial": "T", "temporal": "S"}
 """Which factor stays split while attention of each kind runs: the one it does not attend over."""
+
+
+def require_grid(graph: torch.fx.Graph, layout: VideoLayout | None, mesh: Mesh) -> VideoLayout:
+    """The token grid, or a ``ValueError`` that says what analysis found instead."""
+    if layout is not None:
+        return layout
+    raise ValueError(
+        f"Mesh({mesh.describe()}): DSP switches between the frames and the spatial tokens, so it needs "
+        f"the frame/height/width grid of the video tokens, which could not be found: {find_grid(graph).note}; "
+        "use ulysses and/or ring, which need only the token dim"
+    )
 
 
 def plan_blocks(sites: tuple[AttentionSite, ...]) -> tuple[dict[str, str], dict[str, str]]:

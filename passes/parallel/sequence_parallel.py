@@ -33,35 +33,21 @@ import torch.fx
 from vdopt import meta
 from vdopt.collectives import comm_stats, per_purpose_notes, records
 from vdopt.passes.analysis.attention import SDPA, depends_on_latent
+from vdopt.passes.analysis.grid import grid_shape
 from vdopt.passes.analysis.sites import VideoLayout
 from vdopt.passes.analysis.tokens import find_token_origin
 from vdopt.passes.base import PassContext, PassResult
 from vdopt.passes.dims.propagation import ShardPropagator
 from vdopt.passes.dims.rules import DimOp, op_rule, permutation, shape_of
 from vdopt.passes.dims.sharded_shape import Dim, Factor, ShardedShape, Split, map_reshape
-from vdopt.passes.parallel.dsp import WANT, first_split, plan_blocks, switch_axis_hook
+from vdopt.passes.graph_utils import eliminate_dead_code
+from vdopt.passes.parallel.dsp import WANT, first_split, plan_blocks, require_grid, switch_axis_hook
 from vdopt.passes.parallel.ring import ring_attention
 from vdopt.passes.parallel.skiparse import skiparse_strides, token_split, token_unit
 from vdopt.passes.parallel.ulysses import ulysses_attention
 
-_CONVS = {torch.ops.aten.conv2d.default, torch.ops.aten.conv3d.default, torch.ops.aten.convolution.default}
 _FOLLOW = {DimOp.RESHAPE, DimOp.PERMUTE, DimOp.IDENTITY}
 """Kinds of ops the token stream is followed through from the patch embedding."""
-
-
-def _conv_layout(conv: torch.fx.Node, grid: VideoLayout, batch: int) -> ShardedShape | None:
-    """The patch embedding's output as factors: (B[*T], C, [T,] H, W)."""
-    shape = tuple(int(s) for s in conv.meta["val"].shape)
-
-    def dim(*pairs) -> Dim:
-        return Dim(tuple(Factor(label, n) for label, n in pairs if n > 1))
-
-    T, H, W = grid.frames, grid.height, grid.width
-    if len(shape) == 5 and shape[0] == batch and shape[2:] == (T, H, W):
-        return ShardedShape((dim(("B", batch)), dim(("C", shape[1])), dim(("T", T)), dim(("H", H)), dim(("W", W))))
-    if len(shape) == 4 and shape[0] == batch * T and shape[2:] == (H, W):
-        return ShardedShape((dim(("B", batch), ("T", T)), dim(("C", shape[1])), dim(("H", H)), dim(("W", W))))
-    return None
 
 
 def _token_dims(layout: ShardedShape) -> list[Dim] | None:
@@ -83,21 +69,24 @@ def _token_dims(layout: ShardedShape) -> list[Dim] | None:
     return [layout.dims[0], Dim(tokens), Dim.plain(layout.dims[2].size)]
 
 
-def find_token_stream(graph: torch.fx.Graph, grid: VideoLayout, batch: int) -> tuple[torch.fx.Node, list[Dim]] | None:
-    """The first node holding the patch embedding's tokens as (B, T*S, C) or (B*T, S, C).
+def find_token_stream(graph: torch.fx.Graph, grid: VideoLayout) -> tuple[torch.fx.Node, list[Dim]] | None:
+    """The first node holding the grid's tokens as (B, T*S, C) or (B*T, S, C).
 
-    Follows the patch-embedding convolution's output through reshapes and transposes,
-    keeping track of which dims hold batch, frames, rows, columns and channels, so a hidden
-    size that happens to equal the token count cannot be mistaken for it. Returns the node and
-    its dims labelled ``B``, ``T``, ``S`` (size-1 factors left out).
+    Starts where analysis read the grid off (``grid_shape``: the patch embedding convolution,
+    the reshape merging a patchified latent, or flat token inputs viewed as T x H x W) and
+    follows it through reshapes and transposes, keeping track of which dims hold batch,
+    frames, rows, columns and channels, so a hidden size that happens to equal the token
+    count cannot be mistaken for it. Returns the node and its dims labelled ``B``, ``T``,
+    ``S`` (size-1 factors left out).
     """
-    conv = next((n for n in graph.nodes if n.op == "call_function" and n.target in _CONVS), None)
-    if conv is None:
+    try:
+        source, start = grid_shape(graph, grid)
+    except ValueError:  # the grid's source is not in this graph as analysis saw it
         return None
-    start = _conv_layout(conv, grid, batch)
-    if start is None:
-        return None
-    layouts = {conv: start}
+    dims = _token_dims(start)
+    if dims is not None:
+        return source, dims
+    layouts = {source: start}
     for n in graph.nodes:
         rule = op_rule(n.target) if n.op == "call_function" else None
         out = shape_of(n)
@@ -198,12 +187,8 @@ class SequenceParallel:
         mesh = ctx.mesh
         groups = mesh.axis_groups(ctx.device)
         spatial_temporal = any(s.kind == "temporal" for s in ctx.sites) and any(s.kind == "spatial" for s in ctx.sites)
-        if mesh.dsp > 1 and ctx.layout is None:
-            raise ValueError(
-                f"Mesh({mesh.describe()}): DSP switches between the frames and the spatial tokens, so it "
-                "needs the frame/height/width grid of the video tokens, and none was found in this model "
-                "(no patch embedding convolution): use ulysses and/or ring, which need only the token dim"
-            )
+        if mesh.dsp > 1:
+            require_grid(gm.graph, ctx.layout, mesh)
         if mesh.dsp > 1 and not spatial_temporal:
             raise ValueError(
                 f"Mesh({mesh.describe()}): DSP needs a spatial-temporal model (separate spatial and "
@@ -214,7 +199,7 @@ class SequenceParallel:
             label = self.split_factor(ctx, spatial_temporal)
             grid = ctx.layout
             self.validate(ctx, label, {"S": grid.spatial_tokens, "TS": grid.tokens, "T": grid.frames}[label], spatial_temporal)
-            found = find_token_stream(gm.graph, grid, grid.batch // mesh.cfg)
+            found = find_token_stream(gm.graph, grid)
             if found is None and mesh.dsp > 1:
                 raise ValueError(
                     f"Mesh({mesh.describe()}): found no token stream of shape (B, T*H*W, C) or (B*T, H*W, C) "
@@ -241,7 +226,7 @@ class SequenceParallel:
         prop = ShardPropagator(gm, created_by=self.name, seq_attention=seq_attention, before_node=hook)
         prop.shard(point, ShardedShape(tuple(dims)))
         prop.run()
-        gm.graph.eliminate_dead_code()
+        eliminate_dead_code(gm.graph)
         comms = records(n for n in gm.graph.nodes if n.meta.get(meta.CREATED_BY) == self.name)
         notes = per_purpose_notes(comms)
         per_site = {}

@@ -31,7 +31,7 @@ from vdopt.mesh import AxisGroup
 from vdopt.passes.base import PassContext, PassResult
 from vdopt.passes.dims.emit import Emitter, resized
 from vdopt.passes.dims.rules import DimOp, dim_map, first_input, op_rule, shape_of
-from vdopt.passes.graph_utils import fake_mode_of
+from vdopt.passes.graph_utils import eliminate_dead_code, fake_mode_of
 from vdopt.passes.patch_parallel import exchange, spatial_ops
 from vdopt.passes.patch_parallel.slab import Slab, balanced_bounds, check_nonempty, reshape_slab
 
@@ -299,7 +299,7 @@ class PatchParallel:
         rewriter = _Rewriter(gm, self.group, self.name)
         graph = rewriter.run(cut, dim, bounds)
         new = torch.fx.GraphModule(gm, graph)
-        new.graph.eliminate_dead_code()
+        eliminate_dead_code(new.graph)
         stats = {"sites": len(sites), **rewriter.counts, **comm_stats(communication(new)),
                  "rows": "/".join(str(b - a) for a, b in zip(bounds, bounds[1:]))}
         return PassResult(gm=new, modified=True, stats=stats)

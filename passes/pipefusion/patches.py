@@ -329,6 +329,22 @@ def _rule_attention(node, dims_of, extent):
     return (out, lse), reqs
 
 
+def _rule_ring_attention(node, dims_of, extent):
+    """``vdopt::ring_attention(q, k, v, k_fixed, v_fixed, mask, mask_fixed, ...)`` (sequence
+    parallel x PipeFusion): like self-attention, the patch's queries attend over this rank's
+    K/V block merged with the cache (stale K/V), which the ring then passes around whole."""
+    q, k, v = node.args[:3]
+    qd, kd, vd = dims_of(q), dims_of(k), dims_of(v)
+    seq = len(shape_of(q)) - 2
+    if any(pd is not None and pd.dim != seq for pd in (qd, kd, vd)) or (kd is None) != (vd is None):
+        raise PatchError(f"{node.name}: ring attention holds the patched axis outside the sequence")
+    if any(isinstance(x, torch.fx.Node) for x in node.args[5:7]):
+        raise PatchError(f"{node.name}: masked ring attention over patches is not supported")
+    if any(dims_of(x) is not None for x in node.args[3:5] if isinstance(x, torch.fx.Node)):
+        raise PatchError(f"{node.name}: the ring's fixed (text) K/V hold the patched axis")
+    return qd, []
+
+
 def _rule_collective(node, dims_of, extent):
     """Functional collectives: they exchange or gather along dim 0.
 
@@ -375,9 +391,22 @@ _RULES: dict[DimOp, Rule] = {
 tokens in ways a patch cannot follow."""
 
 
+def _is_ring_attention(node: torch.fx.Node) -> bool:
+    schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
+    return schema is not None and schema.name == "vdopt::ring_attention"
+
+
 def _kind(node: torch.fx.Node) -> DimOp | None:
+    if _is_ring_attention(node):
+        return DimOp.ATTENTION  # has its own rule (``_rule_of``); K/V may be stale like SDPA's
     rule = op_rule(node.target) if node.op == "call_function" else None
     return rule.kind if rule is not None else None
+
+
+def _rule_of(node: torch.fx.Node, kind: DimOp | None) -> Rule | None:
+    if _is_ring_attention(node):
+        return _rule_ring_attention
+    return _RULES.get(kind)
 
 
 def infer_patch_dims(
@@ -429,7 +458,7 @@ def infer_patch_dims(
         if all(dims_of(a) is None for a in n.all_input_nodes):
             dims[n.name] = None
             continue
-        rule = _RULES.get(kind)
+        rule = _rule_of(n, kind)
         try:
             if rule is None:
                 raise PatchError(f"{n.name}: no patch rule for {n.target}")

@@ -17,6 +17,7 @@ The cut is exact: running prepare, the stages' bodies in order, and post is the 
 from __future__ import annotations
 
 import dataclasses
+import math
 import operator
 from collections.abc import Sequence
 from typing import Any, Callable, ClassVar
@@ -27,13 +28,13 @@ from torch.utils import _pytree as pytree
 
 from vdopt.config import PipeFusionConfig
 from vdopt.passes.analysis.attention import depends_on_latent
+from vdopt.passes.analysis.grid import find_grid, grid_shape
 from vdopt.passes.analysis.sites import VideoLayout
 from vdopt.passes.base import PassContext, PassResult
 from vdopt.passes.pipefusion.patches import PatchDim, PatchDims, PatchError, infer_patch_dims
 from vdopt.passes.pipefusion.stage_split import POST, PRE, StageLayout, extract_graph, is_stage_boundary, split_stages
 
 aten = torch.ops.aten
-_CONVS = {aten.conv2d.default, aten.conv3d.default, aten.convolution.default}
 PATCH_AXES = ("H", "T", "W")
 """Axes of the token grid the latent may be patched along, in order of preference."""
 
@@ -66,19 +67,21 @@ def candidate_axes(layout: VideoLayout, patches: int, axis: str | None = None) -
 
 
 def patch_source(graph: torch.fx.Graph, layout: VideoLayout, axis: str) -> tuple[torch.fx.Node, PatchDim]:
-    """The patch embedding convolution and where its output holds ``axis``."""
-    from_latent = depends_on_latent(graph)
-    conv = next((n for n in graph.nodes if n.op == "call_function" and n.target in _CONVS and n in from_latent), None)
-    if conv is None:
-        raise ValueError("PipeFusion needs the latent's patch embedding convolution to locate the token grid; none found")
-    shape = tuple(conv.meta["val"].shape)
-    if len(shape) == 5:  # (B, C, T, H, W)
-        pd = PatchDim(dim={"T": 2, "H": 3, "W": 4}[axis])
-    elif len(shape) == 4:  # (B*T, C, H, W); B may be this rank's part of the batch (CFG parallel)
-        pd = PatchDim(dim={"T": 0, "H": 2, "W": 3}[axis], outer=shape[0] // layout.frames if axis == "T" else 1)
-    else:
-        raise ValueError(f"PipeFusion: unexpected patch embedding output shape {shape}")
-    return conv, pd
+    """Where the latent's token grid is first held (``analysis/grid.py``) and how it holds
+    ``axis``: a convolution's own dim, or flat tokens viewed as ``T x H x W`` (a patch along H
+    is then ``outer=T, inner=W`` of the token dim, sliced exactly by the dims core)."""
+    try:
+        node, dims = grid_shape(graph, layout)
+    except ValueError as e:
+        raise PatchError(f"PipeFusion cannot locate the token grid: {e}") from None
+    where = dims.find(axis)
+    if where is None:
+        raise PatchError(f"PipeFusion: {node.name} does not hold the {axis} axis of the token grid")
+    d, j = where
+    factors = dims.dims[d].factors
+    outer = math.prod(f.size for f in factors[:j])
+    inner = math.prod(f.size for f in factors[j + 1:])
+    return node, PatchDim(dim=d, outer=outer, inner=inner)
 
 
 def locate_patch_axis(
@@ -91,8 +94,8 @@ def locate_patch_axis(
     failures = []
     for axis, extent in candidates:
         try:
-            conv, source = patch_source(graph, layout, axis)
-            pdims = infer_patch_dims(graph, extent=extent, sources={conv.name: source}, body=body)
+            node, source = patch_source(graph, layout, axis)
+            pdims = infer_patch_dims(graph, extent=extent, sources={node.name: source}, body=body)
         except PatchError as e:
             failures.append(f"along {axis}: {e}")
             continue
@@ -164,8 +167,8 @@ def find_stage_cut(gm: torch.fx.GraphModule, layout: VideoLayout | None, config:
     if layout is None:
         raise ValueError(
             "PipeFusion splits the latent into patches along a frame/height/width axis, so it needs the "
-            "token grid, and none was found in this model (no patch embedding convolution: packed or "
-            "pre-patchified tokens): use ulysses and/or ring instead of pipefusion, which need only the token dim"
+            f"token grid, which could not be found: {find_grid(graph).note}; use ulysses and/or ring instead "
+            "of pipefusion, which need only the token dim"
         )
     split = split_stages(gm)
     roles = split.roles

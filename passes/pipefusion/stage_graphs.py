@@ -41,11 +41,13 @@ class StageGraphs:
     """This rank's stage."""
     prepare: torch.fx.GraphModule
     """``prepare(*flat_inputs) -> prepared``: the prologue and this stage's per-call setup."""
-    exact: PatchGraph
-    """The stage on the whole latent; returns its fresh K/V after its outputs."""
+    exact: PatchGraph | None
+    """The stage on the whole latent; returns its fresh K/V after its outputs (``None`` when
+    built for costing only)."""
     patches: tuple[PatchGraph, ...]
     """The stage for patch i, with K/V cache inputs and merged K/V outputs (none when the
-    patch rewrite is disabled: every call is then exact)."""
+    patch rewrite is disabled: every call is then exact). Built for costing only, patches of
+    one length share one graph."""
     received: int
     """Number of activations received from the previous stage (first inputs)."""
     post: torch.fx.GraphModule | None
@@ -78,8 +80,15 @@ def build_stage_graphs(
     *,
     disabled: Collection[str] = (),
     after: Sequence[str] = (),
+    costing_only: bool = False,
 ) -> tuple[StageGraphs, list[PassRecord]]:
-    """Cut ``stage`` out of ``gm`` (marked by ``StageSplit``) and rewrite it per patch."""
+    """Cut ``stage`` out of ``gm`` (marked by ``StageSplit``) and rewrite it per patch.
+
+    ``costing_only`` (the planner: graphs read, never run) rewrites one graph per distinct
+    patch length, shared by the patches of that length (they differ only in where the patch
+    starts, so they cost the same), and no graph on the whole latent (the patch graphs hold
+    the same weights and return the merged K/V at its size).
+    """
     result, record = run_pass(StageCut(config=config, stage=stage), gm, ctx, after=after, graph=f"stage {stage}")
     records = [record]
     ran = [*after, StageCut.name]
@@ -98,15 +107,20 @@ def build_stage_graphs(
             records.append(patch_record)
             return patch_result.patch
 
-        exact = rewrite(0, cut.extent, False, EXACT_GRAPH)
+        exact = None if costing_only else rewrite(0, cut.extent, False, EXACT_GRAPH)
         starts = [sum(sizes[:i]) for i in range(len(sizes))]
-        patches = [rewrite(s, n, True, patch_key(i)) for i, (s, n) in enumerate(zip(starts, sizes))]
+        by_length: dict[int, PatchGraph] = {}
+        patches = []
+        for i, (s, n) in enumerate(zip(starts, sizes)):
+            if not costing_only or n not in by_length:
+                by_length[n] = rewrite(s, n, True, patch_key(i))
+            patches.append(by_length[n])
     nodes = {n.name: n for n in gm.graph.nodes}
     figures = {
         "axis": cut.axis, "extent": cut.extent, "sizes": sizes,
         "stale_sites": [
             nodes[s].meta[meta.SITE].name if meta.SITE in nodes[s].meta else s
-            for s in exact.cache_sites
+            for s in (exact or patches[0]).cache_sites
         ],
         "stage_blocks": cut.split.blocks,
         "stage_param_bytes": stage_param_bytes(gm, cut.split),

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -32,6 +31,7 @@ import torch.distributed as dist
 from torch.utils import _pytree as pytree
 
 from vdopt.artifacts.errors import ArtifactError
+from vdopt.passes.graph_utils import copying_exported_graphs
 
 PACKAGE_OPTIONS = {"aot_inductor.package_constants_in_so": False}
 """Inductor options for every package: code only, weights come from ``weights.rank{r}.pt``."""
@@ -99,19 +99,10 @@ def group_names(gm: torch.fx.GraphModule) -> dict[str, list[int]]:
     return found
 
 
-# Inductor deep-copies the graph it compiles (torch/_dynamo/repro/after_aot.py,
-# ``copy.deepcopy(gm.graph)``). Copying the pytree specs of an exported program's call
-# convention rebuilds each leaf through ``LeafSpec.__new__``, which torch 2.13 marks deprecated,
-# so every AOTInductor compile of any exported program prints this FutureWarning from torch's
-# own code (a plain ``torch.export`` + ``aoti_compile_and_package`` of an ``nn.Linear`` does
-# too); vdopt never touches ``LeafSpec``. Only this message, only around that call, is ignored.
-_TORCH_LEAFSPEC_DEEPCOPY_WARNING = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
-
-
 def compile_package(ep: torch.export.ExportedProgram, package: Path, rank: int, world: int) -> None:
     """AOT-compile ``ep`` into the package file ``package``."""
-    with _private_inductor_cache(rank, world), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_TORCH_LEAFSPEC_DEEPCOPY_WARNING, category=FutureWarning)
+    # Inductor deep-copies the graph it compiles (torch/_dynamo/repro/after_aot.py)
+    with _private_inductor_cache(rank, world), copying_exported_graphs():
         torch._inductor.aoti_compile_and_package(ep, package_path=str(package), inductor_configs=PACKAGE_OPTIONS)
 
 

@@ -17,6 +17,8 @@ import sys
 import time
 from typing import Any
 
+from vdopt.api import KERNEL_CHOICES
+
 log = logging.getLogger(__name__)
 
 
@@ -29,9 +31,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "ring, ulysses, dsp; their product is the number of ranks); default: one device")
     p.add_argument("--pab", action="store_true",
                    help="add Pyramid Attention Broadcast: a zoo model gets its paper's settings, any other model PABConfig()")
-    p.add_argument("--kernels", default="auto", choices=("auto", "triton", "sdpa"),
+    p.add_argument("--kernels", default="auto", choices=KERNEL_CHOICES,
                    help="attention kernels: auto uses vdopt's Triton kernels on CUDA where they are faster, "
-                        "triton everywhere possible, sdpa never (default auto)")
+                        "triton everywhere possible, fp8 the approximate fp8 kernel (Hopper-class GPUs), "
+                        "sdpa never (default auto)")
     p.add_argument("--size", default="tiny", choices=("tiny", "full"),
                    help="zoo configuration: tiny (for tests) or full (the published model) (default tiny)")
     shape_help = {

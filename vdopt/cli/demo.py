@@ -16,11 +16,8 @@ denoising loop on it, compared with the eager model.
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import sys
+import functools
 import time
-import traceback
 
 import torch
 
@@ -160,85 +157,27 @@ def demo_rank(args: argparse.Namespace) -> dict:
     return summary
 
 
-def _spawned(rank: int, world: int, port: int, args: argparse.Namespace, queue) -> None:
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
-        queue.put((rank, "ok", demo_rank(args)))
-    except BaseException as error:  # noqa: BLE001  the parent reports it, once for all ranks
-        queue.put((rank, "error", (error_line(error, verbose=True), traceback.format_exc())))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+def _demo_on_rank(rank: int, world: int, args: argparse.Namespace) -> dict:
+    return demo_rank(args)
 
 
 RANK_GRACE_S = 15.0
 """After one rank fails, how long the others get to report before they are stopped (a rank
 waiting in a collective for the failed one would otherwise sit out the group's timeout)."""
 
+RUN_TIMEOUT_S = 1800.0
+"""The whole demo on every rank (about a minute on two CPU cores)."""
+
 
 def run_ranks(args: argparse.Namespace, world: int) -> list[dict]:
     """``demo_rank`` on ``world`` local gloo ranks; a failure is one ``CommandError`` for all."""
-    import queue as queue_module
-    import socket
+    from vdopt.runtime.local_ranks import LocalRanksError, run_local_ranks
 
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_spawned, args=(r, world, port, args, queue), daemon=True) for r in range(world)]
-    for p in procs:
-        p.start()
-    results: dict[int, dict] = {}
-    failures: dict[int, tuple[str, str]] = {}
-    stop_at: float | None = None
     try:
-        while len(results) + len(failures) < world:
-            if stop_at is not None and time.monotonic() > stop_at:
-                break
-            try:
-                rank, status, payload = queue.get(timeout=0.5)
-            except queue_module.Empty:
-                silent = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in results and r not in failures]
-                for r in silent:  # a crash in native code reports nothing
-                    failures[r] = (f"exited with code {procs[r].exitcode} without reporting", "")
-                if failures and stop_at is None:
-                    stop_at = time.monotonic() + RANK_GRACE_S
-                continue
-            if status == "ok":
-                results[rank] = payload
-            else:
-                failures[rank] = payload
-                stop_at = stop_at or time.monotonic() + RANK_GRACE_S
-    finally:
-        for p in procs:
-            p.join(timeout=5 if not failures else 1)
-            if p.is_alive():
-                p.kill()
-    if failures:
-        raise CommandError(_describe_failures(failures, world, args.verbose))
-    return [results[r] for r in range(world)]
-
-
-def _describe_failures(failures: dict[int, tuple[str, str]], world: int, verbose: bool) -> str:
-    """One line per distinct failure, naming its ranks (ranks that fail alike fail once)."""
-    by_message: dict[str, list[int]] = {}
-    for rank in sorted(failures):
-        line, tb = failures[rank]
-        if verbose and tb and line not in by_message:
-            print(f"traceback of rank {rank}:\n{tb}", file=sys.stderr)
-        by_message.setdefault(line, []).append(rank)
-    parts = []
-    for line, ranks in by_message.items():
-        who = "every rank" if len(ranks) == world else ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(map(str, ranks))
-        parts.append(f"{who}: {line}")
-    return "; ".join(parts)
+        return run_local_ranks(world, _demo_on_rank, args, backend="gloo", timeout=RUN_TIMEOUT_S, grace=RANK_GRACE_S,
+                               describe=functools.partial(error_line, verbose=True))
+    except LocalRanksError as error:  # -v shows it, with each distinct failure's traceback
+        raise CommandError(error.summary()) from error
 
 
 def run(args: argparse.Namespace) -> int:

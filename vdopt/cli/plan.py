@@ -35,6 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"),
                    help="dtype of weights and activations (default bfloat16)")
     p.add_argument("--json", type=Path, default=None, help="also write every candidate as JSON to this file")
+    p.add_argument("--no-reuse-blocks", dest="reuse_blocks", action="store_false",
+                   help="capture and rewrite every transformer block for every mesh instead of costing identical "
+                        "blocks once (slow; for checking the fast plan)")
     p.set_defaults(func=run)
 
 
@@ -50,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     model, margs, mkwargs = build(args.model, args.size, device="meta", dtype=getattr(torch, args.dtype), **shape)
     pab = default_pab_config(args.model) if args.pab else None
     plan = vdopt.plan(model, args.world, *margs, device=args.device, link=args.link, memory_gb=args.memory_gb,
-                      pab=pab, **mkwargs)
+                      pab=pab, reuse_blocks=args.reuse_blocks, **mkwargs)
     print(plan)
     print()
     print(plan.table())

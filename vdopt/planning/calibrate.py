@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import platform
-import socket
 import statistics
 import time
 from collections.abc import Callable
@@ -218,23 +217,11 @@ def all_to_all_samples(device: torch.device, repeats: int = 10) -> dict[str, dic
     return out
 
 
-def _link_rank(rank: int, world: int, port: int, backend: str, queue) -> None:
+def _link_rank(rank: int, world: int) -> dict[str, dict[str, float]]:
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group(backend, rank=rank, world_size=world)
-        device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        out = all_to_all_samples(device)
-        if rank == 0:
-            queue.put(("ok", out))
-        dist.barrier()
-        dist.destroy_process_group()
-    except BaseException as e:  # report to the parent
-        queue.put(("error", f"rank {rank}: {type(e).__name__}: {e}"))
+    device = torch.device("cuda", rank) if dist.get_backend() == "nccl" else torch.device("cpu")
+    return all_to_all_samples(device)
 
 
 def link_from_samples(samples: dict[str, dict[str, float]], *, name: str, how: str) -> LinkSpec:
@@ -249,25 +236,15 @@ def link_from_samples(samples: dict[str, dict[str, float]], *, name: str, how: s
 
 def measure_link(ranks: int = 2, backend: str | None = None) -> LinkSpec:
     """All-to-all latency and bandwidth between ``ranks`` local processes."""
-    import torch.multiprocessing as mp
+    from vdopt.runtime.local_ranks import LocalRanksError, default_backend, run_local_ranks
 
     if ranks < 2:
         raise ValueError(f"measuring a link needs at least 2 ranks, got {ranks}")
-    if backend is None:
-        backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= ranks else "gloo"
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_link_rank, args=(r, ranks, port, backend, queue), daemon=True) for r in range(ranks)]
-    for p in procs:
-        p.start()
-    status, payload = queue.get(timeout=600)
-    for p in procs:
-        p.join(timeout=60)
-    if status != "ok":
-        raise RuntimeError(f"link calibration failed: {payload}")
+    backend = backend or default_backend(ranks)
+    try:
+        payload = run_local_ranks(ranks, _link_rank, backend=backend, timeout=600)[0]
+    except LocalRanksError as error:
+        raise RuntimeError(f"link calibration failed: {error}") from error
     when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     how = f"{backend}, {ranks} local processes, measured by vdopt calibrate on {when}"
     return link_from_samples(payload, name=f"{backend} between {ranks} local ranks", how=how)

@@ -25,6 +25,7 @@ from vdopt.passes.pipefusion.stage_graphs import kv_outputs
 from vdopt.planning.cost_model import GraphCost, graph_cost, tensor_bytes, weight_bytes
 from vdopt.planning.devices import DeviceSpec, LinkSpec
 from vdopt.planning.rank_graphs import RankGraphs
+from vdopt.planning.repeats import linear
 
 SCHEDULE_STEPS = 1000
 """Timesteps of the training schedule PAB windows are stated in."""
@@ -60,6 +61,21 @@ class CallCost:
     @property
     def dominant(self) -> str:
         return max(self.breakdown, key=self.breakdown.get)
+
+    def linear(self, two: CallCost, count: int) -> CallCost:
+        """The call with ``count`` repeated blocks, from this one (1 block) and ``two`` (2
+        blocks): additive figures grow linearly (``repeats``), the activation peak is ``two``'s."""
+        def num(a: int, b: int) -> int:
+            return round(linear(a, b, count))
+
+        return CallCost(
+            seconds=linear(self.seconds, two.seconds, count),
+            breakdown={k: linear(v, two.breakdown[k], count) for k, v in self.breakdown.items()},
+            comm_bytes=num(self.comm_bytes, two.comm_bytes), collectives=num(self.collectives, two.collectives),
+            flops=num(self.flops, two.flops), weight_bytes=num(self.weight_bytes, two.weight_bytes),
+            activation_bytes=max(self.activation_bytes, two.activation_bytes),
+            kv_cache_bytes=num(self.kv_cache_bytes, two.kv_cache_bytes),
+        )
 
 
 def pab_share(config: PABConfig | None, sites: tuple[AttentionSite, ...]) -> Callable[[str], float] | None:
@@ -111,48 +127,113 @@ def call_cost(
         return CallCost(seconds=cost.seconds, breakdown=cost.breakdown(), comm_bytes=cost.comm_bytes,
                         collectives=cost.collectives, flops=cost.flops, weight_bytes=weight_bytes([graphs.main]),
                         activation_bytes=cost.activation_peak_bytes, kv_cache_bytes=0)
-    return _pipefusion_cost(graphs, device, link, degrees, share)
+    return pipeline_cost(stage_figures(graphs, device, link, share), link)
 
 
-def _pipefusion_cost(graphs: RankGraphs, device, link, degrees, share) -> CallCost:
-    per_stage: list[GraphCost] = []  # one patch of each stage (mean over patches)
-    memory: list[tuple[int, int, int]] = []
-    fixed = GraphCost()  # prologue (stages run theirs at once: the slowest), epilogue, broadcast
-    prologue = 0.0
-    hand_over = []
-    out_bytes = 0
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StageFigures:
+    """What one PipeFusion stage costs, the figures ``pipeline_cost`` combines."""
+
+    patch: GraphCost
+    """One patch through the stage (the mean over its patches)."""
+    prepare: GraphCost
+    """The prologue and the stage's per-call setup."""
+    post: GraphCost | None
+    """The epilogue (last stage only)."""
+    patches: int
+    """Patches per call."""
+    hand_over_bytes: int
+    """Bytes of the activations one patch sends to the next stage (the largest patch)."""
+    output_bytes: int
+    """Bytes of the call's outputs (last stage only, else 0): broadcast to every rank."""
+    weight_bytes: int
+    """Weights the stage's graphs hold."""
+    activation_bytes: int
+    """Peak activations of the stage's graphs."""
+    kv_cache_bytes: int
+    """The stage's stale K/V buffers."""
+
+    def linear(self, two: StageFigures, count: int) -> StageFigures:
+        """The figures of the stage with ``count`` repeated blocks, from this one (1 block) and
+        ``two`` (2 blocks): every figure grows linearly, each graph's activation peak too (the
+        per-call setup of every block of the stage is alive until the stage's patches have
+        run); the stage's peak is the largest of its graphs'."""
+        def cost(a: GraphCost | None, b: GraphCost | None) -> GraphCost | None:
+            if a is None:
+                return None
+            out = GraphCost()
+            out.add(a)
+            out.add(b, count - 1)
+            out.add(a, -(count - 1))
+            out.activation_peak_bytes = num(a.activation_peak_bytes, b.activation_peak_bytes)
+            return out
+
+        def num(a: int, b: int) -> int:
+            return round(linear(a, b, count))
+
+        patch, prepare, post = cost(self.patch, two.patch), cost(self.prepare, two.prepare), cost(self.post, two.post)
+        return StageFigures(
+            patch=patch, prepare=prepare, post=post,
+            patches=self.patches, hand_over_bytes=two.hand_over_bytes, output_bytes=two.output_bytes,
+            weight_bytes=num(self.weight_bytes, two.weight_bytes),
+            activation_bytes=max(g.activation_peak_bytes for g in (patch, prepare, post) if g is not None),
+            kv_cache_bytes=num(self.kv_cache_bytes, two.kv_cache_bytes),
+        )
+
+
+def stage_figures(graphs: RankGraphs, device: DeviceSpec, link: LinkSpec,
+                  share: Callable[[str], float] | None = None) -> list[StageFigures]:
+    """The figures of every stage of a PipeFusion candidate."""
+    degrees = graphs.degrees
+    out = []
+    patches_per_call = max(len(sg.patches) for sg in graphs.stages) or 1
     for sg in graphs.stages:
         patches = sg.patches or (sg.exact,)
+        whole = sg.exact or patches[0]  # without the graph on the whole latent: a patch's weights and merged K/V
         mean = GraphCost()
+        costs: dict[int, GraphCost] = {}  # patches of one length may share a graph
         for pg in patches:
-            mean.add(graph_cost(pg.gm, device, link, degrees, computed=share), 1.0 / len(patches))
-        per_stage.append(mean)
+            if id(pg) not in costs:
+                costs[id(pg)] = graph_cost(pg.gm, device, link, degrees, computed=share)
+            mean.add(costs[id(pg)], 1.0 / len(patches))
         prepare = graph_cost(sg.prepare, device, link, degrees, computed=share)
-        prologue = max(prologue, prepare.seconds)
-        hand_over.append(max(_stage_outputs_bytes(pg) for pg in patches))
-        kv = sum(tensor_bytes(n.meta.get("val")) for n in kv_outputs(sg.exact))
-        gms = [sg.prepare, sg.exact.gm] + ([sg.post] if sg.post is not None else [])
-        act = max(prepare.activation_peak_bytes, mean.activation_peak_bytes)
-        if sg.post is not None:
-            post = graph_cost(sg.post, device, link, degrees, computed=share)
-            fixed.add(post)
-            act = max(act, post.activation_peak_bytes)
-            out_bytes = _output_bytes(sg.post)
-        memory.append((weight_bytes(gms), act, kv))
-    patches = max(len(sg.patches) for sg in graphs.stages) or 1
-    stage_s = [c.seconds for c in per_stage]
+        post = graph_cost(sg.post, device, link, degrees, computed=share) if sg.post is not None else None
+        gms = [sg.prepare, whole.gm] + ([sg.post] if sg.post is not None else [])
+        act = max(prepare.activation_peak_bytes, mean.activation_peak_bytes,
+                  post.activation_peak_bytes if post is not None else 0)
+        out.append(StageFigures(
+            patch=mean, prepare=prepare, post=post, patches=patches_per_call,
+            hand_over_bytes=max(_stage_outputs_bytes(pg) for pg in patches),
+            output_bytes=_output_bytes(sg.post) if sg.post is not None else 0,
+            weight_bytes=weight_bytes(gms), activation_bytes=act,
+            kv_cache_bytes=sum(tensor_bytes(n.meta.get("val")) for n in kv_outputs(whole)),
+        ))
+    return out
+
+
+def pipeline_cost(stages: list[StageFigures], link: LinkSpec) -> CallCost:
+    """One call through the pipeline of ``stages`` (see the module docstring)."""
+    fixed = GraphCost()  # epilogue
+    for st in stages:
+        if st.post is not None:
+            fixed.add(st.post)
+    prologue = max(st.prepare.seconds for st in stages)  # stages run theirs at once: the slowest
+    out_bytes = next((st.output_bytes for st in reversed(stages) if st.post is not None), 0)
+    patches = stages[0].patches
+    stage_s = [st.patch.seconds for st in stages]
     slowest = max(range(len(stage_s)), key=stage_s.__getitem__)
     bandwidth = link.bandwidth_gbps * 1e9
     latency = link.latency_us * 1e-6
-    critical_hand_over = sum(latency + b / bandwidth for b in hand_over[:-1])
+    critical_hand_over = sum(latency + st.hand_over_bytes / bandwidth for st in stages[:-1])
     broadcast = latency + out_bytes / bandwidth
     total = patches * stage_s[slowest] + sum(stage_s) - stage_s[slowest] + critical_hand_over + prologue + fixed.seconds + broadcast
-    breakdown = {k: v * patches for k, v in per_stage[slowest].breakdown().items()}
+    breakdown = {k: v * patches for k, v in stages[slowest].patch.breakdown().items()}
     breakdown["communication"] += critical_hand_over + broadcast
     breakdown["pipeline fill/drain"] = sum(stage_s) - stage_s[slowest] + prologue + fixed.seconds
-    stage0 = per_stage[0]
-    fullest = max(memory, key=sum)
-    comm = int(stage0.comm_bytes * patches + hand_over[0] * patches)
+    stage0 = stages[0].patch
+    fullest = max(stages, key=lambda st: st.weight_bytes + st.activation_bytes + st.kv_cache_bytes)
+    comm = round(stage0.comm_bytes * patches + stages[0].hand_over_bytes * patches)
     return CallCost(seconds=total, breakdown=breakdown, comm_bytes=comm,
-                    collectives=int(stage0.collectives * patches + patches), flops=int(stage0.flops * patches),
-                    weight_bytes=fullest[0], activation_bytes=fullest[1], kv_cache_bytes=fullest[2])
+                    collectives=round(stage0.collectives * patches + patches), flops=round(stage0.flops * patches),
+                    weight_bytes=fullest.weight_bytes, activation_bytes=fullest.activation_bytes,
+                    kv_cache_bytes=fullest.kv_cache_bytes)

@@ -67,8 +67,9 @@ def why_not(
     if dsp > 1 and not spatial_temporal:
         return f"dsp={dsp} needs separate spatial and temporal attention; this model attends over all tokens at once"
     sequence = ulysses * ring * dsp
-    if sequence > 1 and layout is None:
-        return "sequence parallelism needs the video token grid (no patch embedding found)"
+    if dsp > 1 and layout is None:
+        # Ulysses and Ring find the token dim from the graph; only DSP needs the (T, H, W) grid
+        return "dsp needs the video token grid (frames x height x width), which analysis did not find"
     if ulysses > 1:
         split = [s for s in sites if s.kind != "cross"] or list(sites)
         uneven = [s for s in split if s.heads % ulysses]

@@ -122,12 +122,12 @@ class GraphCost:
     """Fixed cost per op."""
     comm_s: float = 0.0
     """Exposed communication (not hidden behind compute)."""
-    comm_bytes: int = 0
-    """Bytes this rank sends per run."""
-    collectives: int = 0
-    """Collectives per run."""
-    flops: int = 0
-    """Matmul and attention FLOPs per run."""
+    comm_bytes: float = 0
+    """Bytes this rank sends per run (fractional only in a mean over patches)."""
+    collectives: float = 0
+    """Collectives per run (fractional only in a mean over patches)."""
+    flops: float = 0
+    """Matmul and attention FLOPs per run (fractional only in a mean over patches)."""
     activation_peak_bytes: int = 0
     """Most bytes of activations alive at once."""
 
@@ -142,9 +142,10 @@ class GraphCost:
     def add(self, other: GraphCost, times: float = 1.0) -> None:
         for f in ("matmul_s", "attention_s", "memory_s", "overhead_s", "comm_s"):
             setattr(self, f, getattr(self, f) + times * getattr(other, f))
-        self.comm_bytes += int(times * other.comm_bytes)
-        self.collectives += int(times * other.collectives)
-        self.flops += int(times * other.flops)
+        # exact (a mean over patches may be fractional): callers round the call's totals
+        self.comm_bytes += times * other.comm_bytes
+        self.collectives += times * other.collectives
+        self.flops += times * other.flops
         self.activation_peak_bytes = max(self.activation_peak_bytes, other.activation_peak_bytes)
 
     def breakdown(self) -> dict[str, float]:

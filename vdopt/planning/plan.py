@@ -2,7 +2,8 @@
 
 For each assignment of the degrees (``candidates``) the passes ``optimize`` would run build
 rank 0's graphs without a process group (``rank_graphs``), and the cost model predicts one
-call's seconds and each rank's peak memory from them (``call_cost``). The model may live on
+call's seconds and each rank's peak memory from them (``call_cost``). Identical blocks are
+costed once (``costing``: copies of the model with 1 and 2 of them, extrapolated). The model may live on
 the ``meta`` device and inputs may be shapes: nothing is allocated or run.
 """
 
@@ -22,12 +23,11 @@ from vdopt.capture import bind_call
 from vdopt.collectives import format_bytes
 from vdopt.config import PABConfig, PipeFusionConfig
 from vdopt.mesh import AXES, parse_degrees
-from vdopt.passes.pipefusion.stage_split import find_blocks
 from vdopt.passes.runner import PassError
-from vdopt.planning.call_cost import CallCost, call_cost
+from vdopt.planning.call_cost import CallCost
 from vdopt.planning.candidates import candidates, describe
 from vdopt.planning.devices import DeviceSpec, LinkSpec, get_device, get_link
-from vdopt.planning.rank_graphs import CapturedModel, capture_model, rank_graphs
+from vdopt.planning.costing import Costing
 from vdopt.progress import progress
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,8 @@ class Plan:
     """The model's class name and input signature."""
     seconds: float
     """Seconds spent planning."""
+    work: dict[str, int] = dataclasses.field(default_factory=dict)
+    """What planning did (``Costing.counts``): captures by repeated blocks kept, graph builds."""
 
     @property
     def best(self) -> Candidate:
@@ -152,7 +154,7 @@ def _degrees(mesh: str | dict[str, int]) -> dict[str, int]:
 
 
 def evaluate(
-    captured: CapturedModel,
+    costing: Costing,
     degrees: dict[str, int],
     device: DeviceSpec,
     link: LinkSpec,
@@ -163,10 +165,9 @@ def evaluate(
 ) -> Candidate:
     """Build and cost one assignment (a pass refusing it becomes the candidate's reason)."""
     try:
-        graphs = rank_graphs(captured, degrees, pab=pab, pipefusion=pipefusion)
+        cost = costing.cost(degrees, device, link, pab=pab, pipefusion=pipefusion)
     except (ValueError, PassError) as e:  # the mesh cannot be built for this model: a reason, not a crash
         return Candidate(degrees=degrees, seconds=None, peak_memory_gb=None, dominant=None, reason=str(e).split("\n")[0])
-    cost = call_cost(graphs, device, link, sites=captured.sites, pab=pab)
     limit = memory_gb if memory_gb is not None else device.memory_gb
     peak = cost.peak_memory_bytes / GB
     reason = None
@@ -187,6 +188,7 @@ def plan(
     pab: PABConfig | None = None,
     pipefusion: PipeFusionConfig | None = None,
     meshes: Iterable[str | dict[str, int]] | None = None,
+    reuse_blocks: bool = True,
     **kwargs: Any,
 ) -> Plan:
     """Rank every mesh of ``world_size`` ranks for ``model(*args, **kwargs)``.
@@ -205,6 +207,9 @@ def plan(
         pipefusion: PipeFusion settings for meshes with ``pipefusion > 1`` (default 2 patches).
         meshes: cost only these assignments (``"ulysses=2,ring=2"`` strings or degree
             dicts); the others are listed in ``Plan.excluded`` as not asked for.
+        reuse_blocks: cost identical transformer blocks once (from copies of the model with
+            1 and 2 of them) and extrapolate to all (``vdopt.planning.repeats``); ``False``
+            captures and rewrites the whole model for every mesh (slow; same predictions).
 
     Needs no process group: collectives are named, never run. Raises ``ValueError`` when no
     mesh fits, naming why each was excluded.
@@ -212,9 +217,9 @@ def plan(
     start = time.perf_counter()
     device_spec, link_spec = get_device(device), get_link(link)
     inputs = _shape_inputs(model, bind_call(model, args, kwargs))
-    captured = capture_model(model, inputs)
-    blocks = len(find_blocks(captured.gm.graph))
-    assigned = candidates(world_size, captured.sites, captured.layout, blocks)
+    costing = Costing(model, inputs, reuse=reuse_blocks)
+    captured = costing.analysis
+    assigned = candidates(world_size, captured.sites, captured.layout, costing.blocks())
     if meshes is not None:
         wanted = [_degrees(m) for m in meshes]
         wrong = [describe(w) for w in wanted if math.prod(w.values()) != world_size]
@@ -231,7 +236,7 @@ def plan(
                                           reason=a.reason))
                 continue
             bar.set_postfix_str(describe(a.degrees))
-            c = evaluate(captured, a.degrees, device_spec, link_spec, pab=pab, pipefusion=pipefusion,
+            c = evaluate(costing, a.degrees, device_spec, link_spec, pab=pab, pipefusion=pipefusion,
                          memory_gb=memory_gb)
             (costed if c.seconds is not None else excluded).append(c)
             bar.update(1)
@@ -243,4 +248,5 @@ def plan(
     shape = f" (grid {layout.frames}x{layout.height}x{layout.width}, batch {layout.batch})" if layout is not None else ""
     return Plan(degrees=dict(costed[0].degrees), candidates=tuple(costed), excluded=tuple(excluded),
                 world_size=world_size, device=device_spec, link=link_spec, memory_gb=memory_gb,
-                model=f"{type(model).__name__}{shape}", seconds=time.perf_counter() - start)
+                model=f"{type(model).__name__}{shape}", seconds=time.perf_counter() - start,
+                work=dict(costing.counts))

@@ -23,6 +23,7 @@ from vdopt.passes.analysis.sites import AttentionSite, VideoLayout
 from vdopt.passes.base import PassContext
 from vdopt.passes.cleanup.drop_noops import DropNoOps
 from vdopt.passes.cleanup.fold_views import FoldViews
+from vdopt.passes.graph_utils import copying_exported_graphs
 from vdopt.passes.order import PipelineOptions, build_pipeline
 from vdopt.passes.parallel.skiparse import check_pipefusion
 from vdopt.passes.pipefusion.stage_graphs import StageGraphs, build_stage_graphs
@@ -81,7 +82,8 @@ def _copy_graph(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """A copy to rewrite whose weights are shared with ``gm`` (never duplicated)."""
     memo = {id(t): t for t in [*gm.parameters(), *gm.buffers()]}
     memo.update({id(v): v for v in vars(gm).values() if isinstance(v, torch.Tensor)})
-    return copy.deepcopy(gm, memo)
+    with copying_exported_graphs():
+        return copy.deepcopy(gm, memo)
 
 
 def rank_graphs(
@@ -90,8 +92,12 @@ def rank_graphs(
     *,
     pab: PABConfig | None = None,
     pipefusion: PipeFusionConfig | None = None,
+    costing_only: bool = False,
 ) -> RankGraphs:
-    """Rank 0's graphs for ``degrees`` (a pass's ``ValueError`` says why a mesh cannot work)."""
+    """Rank 0's graphs for ``degrees`` (a pass's ``ValueError`` says why a mesh cannot work).
+
+    ``costing_only``: PipeFusion stages get only the graphs the cost model reads
+    (``build_stage_graphs``)."""
     mesh = PlanningMesh(**degrees)
     options = PipelineOptions(mesh=mesh, pab=pab, pipefusion=pipefusion, kernels="sdpa", compile=False)
     passes = [p for p in build_pipeline(options) if p.name not in SHARED_PASSES]
@@ -105,7 +111,7 @@ def rank_graphs(
     config = pipefusion or PipeFusionConfig()
     stages = []
     for stage in range(mesh.pipefusion):
-        graphs, stage_records = build_stage_graphs(gm, ctx, config, stage, after=after)
+        graphs, stage_records = build_stage_graphs(gm, ctx, config, stage, after=after, costing_only=costing_only)
         stages.append(graphs)
         records += stage_records
     return RankGraphs(degrees=mesh.degrees, main=None, stages=tuple(stages), records=tuple(records))

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from vdopt.capture import bind_call, capture_guarded
+from vdopt.capture import bind_call, capture_guarded, needs_concrete_size
 from vdopt.compile import EagerGraph, compile_graph, compile_summary, original_graph
 from vdopt.config import PipeFusionConfig
 from vdopt.mesh import Mesh
@@ -33,7 +33,7 @@ from vdopt.passes.pab.variants import specialize_graphs
 from vdopt.passes.pipefusion.stage_cut import StageCut
 from vdopt.passes.pipefusion.stage_graphs import build_stage_graphs, specialize_stage_graphs
 from vdopt.passes.pipefusion.stage_split import StageSplit
-from vdopt.passes.runner import PassRecord, run_passes
+from vdopt.passes.runner import PassError, PassRecord, run_passes
 from vdopt.progress import progress
 from vdopt.runtime.report import render_report
 from vdopt.runtime.failures import Step, collective_error, graph_step, is_collective_failure
@@ -271,25 +271,45 @@ class Executable(torch.nn.Module):
     def _build(self, inputs: dict[str, Any]) -> Plan:
         device = model_device(self._model)
         passes = build_pipeline(self.options)
+        # Sizes from tensor values stay symbolic (one plan for every length) unless a step needs
+        # a concrete value: then this plan is specialized on the call's values, and says why.
+        symbolic, why = not self.options.training, None
         with progress(3 + len(passes), f"vdopt {self._model_name}") as bar:
-            bar.set_postfix_str("capture")
-            start = time.perf_counter()
-            captured = capture_guarded(self._model, inputs, training=self.options.training)
-            gm = captured.gm
-            capture_s = time.perf_counter() - start
-            bar.update(1)
-            bar.set_postfix_str("analyze")
-            sites, layout = analyze(gm)
-            check_pipefusion(sites, layout, self.mesh)
-            bar.update(1)
-            ctx = PassContext(
-                mesh=self.mesh, device=device, sites=sites, layout=layout, kernels=self.options.kernels
-            )
-            gm, records = run_passes(gm, ctx, passes, disabled=self.disable_passes, progress=bar)
-            bar.set_postfix_str("program")
-            program, program_records = build_program(
-                gm, ctx, self.options, disabled=self.disable_passes, after=[r.name for r in records]
-            )
+            while True:
+                bar.set_postfix_str("capture")
+                start = time.perf_counter()
+                captured = capture_guarded(self._model, inputs, training=self.options.training,
+                                           symbolic=symbolic, why_specialized=why)
+                gm = captured.gm
+                capture_s = time.perf_counter() - start
+                bar.update(1)
+                step = "analysis"
+                try:
+                    bar.set_postfix_str("analyze")
+                    sites, layout = analyze(gm)
+                    check_pipefusion(sites, layout, self.mesh)
+                    bar.update(1)
+                    ctx = PassContext(
+                        mesh=self.mesh, device=device, sites=sites, layout=layout, kernels=self.options.kernels
+                    )
+                    step = "the passes"
+                    gm, records = run_passes(gm, ctx, passes, disabled=self.disable_passes, progress=bar)
+                    bar.set_postfix_str("program")
+                    step = "building the program"
+                    program, program_records = build_program(
+                        gm, ctx, self.options, disabled=self.disable_passes, after=[r.name for r in records]
+                    )
+                    break
+                except Exception as e:
+                    if not (symbolic and captured.symbols) or isinstance(e, ValueError):
+                        raise  # a ValueError is the user's to fix, whatever the sizes
+                    # any failure with symbolic sizes: the specialized graph is the exact fallback
+                    # (and a failure that is not about sizes is raised again from it)
+                    step = str(e).split(" failed after ")[0] if isinstance(e, PassError) else step
+                    needed = needs_concrete_size(e) or f"{type(e).__name__}: {str(e).strip()[:200]}"
+                    names = ", ".join(s.split(" ")[0] for s in captured.symbols)
+                    symbolic, why = False, f"{step} needs a concrete value of {names} ({needed})"
+                    log.info("%s: %s: captured again, specialized on this call's values", self._model_name, why)
             bar.update(1)
         return Plan(
             signature=describe_inputs(inputs),

@@ -57,8 +57,7 @@ def render_plan(plan: "Plan") -> str:
     for key, value in summary.items():
         out.append(f"{key}: {value}")
     if plan.guards is not None:
-        out.append(f"specialized on data-dependent values: {plan.guards.describe()} "
-                   "(checked on every call; captured again when they fail)")
+        out.append(plan.guards.report_line())
     out.append(f"capture {plan.capture_s:.2f} s, analysis and passes {plan.passes_s:.2f} s")
     return "\n".join(out)
 
