@@ -41,67 +41,44 @@ def _attention_fake(
     return new_output(q), new_lse(q)
 
 
-def _attention_triton(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    scale: float,
-    key_mask: Optional[torch.Tensor] = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    from torch.library import wrap_triton
+def _attention_op(name: str, forward):
+    """``vdopt::<name>(q, k, v, scale, key_mask?) -> (out, lse)`` computed by ``forward``."""
 
-    return attention_forward(q, k, v, scale, key_mask, wrap=wrap_triton)
+    def run_triton(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        scale: float,
+        key_mask: Optional[torch.Tensor] = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        from torch.library import wrap_triton
+
+        return forward(q, k, v, scale, key_mask, wrap=wrap_triton)
+
+    def run_reference(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        scale: float,
+        key_mask: Optional[torch.Tensor] = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return forward(q, k, v, scale, key_mask)
+
+    if triton_available():
+        op = torch.library.triton_op(f"vdopt::{name}", run_triton, mutates_args=())
+    else:
+        op = torch.library.custom_op(f"vdopt::{name}", run_reference, mutates_args=())
+    # An explicit fake: triton_op would otherwise trace its body, which launches the Triton
+    # interpreter on fake tensors under TRITON_INTERPRET=1.
+    op.register_fake(_attention_fake)
+    return op
 
 
-def _attention_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    scale: float,
-    key_mask: Optional[torch.Tensor] = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return attention_forward(q, k, v, scale, key_mask)
-
-
-if triton_available():
-    attention = torch.library.triton_op("vdopt::attention", _attention_triton, mutates_args=())
-else:
-    attention = torch.library.custom_op("vdopt::attention", _attention_reference, mutates_args=())
-# An explicit fake: triton_op would otherwise trace its body, which launches the Triton
-# interpreter on fake tensors under TRITON_INTERPRET=1.
-attention.register_fake(_attention_fake)
+attention = _attention_op("attention", attention_forward)
 
 # ``vdopt::attention_fp8(q, k, v, scale, key_mask?) -> (out, lse)``: the same contract, with
 # Q, K and V quantized to e4m3 (``kernels="fp8"``, approximate: ``kernels/fp8_attention.py``).
-
-
-def _attention_fp8_triton(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    scale: float,
-    key_mask: Optional[torch.Tensor] = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    from torch.library import wrap_triton
-
-    return attention_fp8_forward(q, k, v, scale, key_mask, wrap=wrap_triton)
-
-
-def _attention_fp8_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    scale: float,
-    key_mask: Optional[torch.Tensor] = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return attention_fp8_forward(q, k, v, scale, key_mask)
-
-
-if triton_available():
-    attention_fp8 = torch.library.triton_op("vdopt::attention_fp8", _attention_fp8_triton, mutates_args=())
-else:
-    attention_fp8 = torch.library.custom_op("vdopt::attention_fp8", _attention_fp8_reference, mutates_args=())
-attention_fp8.register_fake(_attention_fake)
+attention_fp8 = _attention_op("attention_fp8", attention_fp8_forward)
 
 
 # =============================================================================================
