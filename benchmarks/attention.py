@@ -239,21 +239,16 @@ def plot(rows: list[dict], path: Path, title: str, *, bandwidth_ceiling: float |
     names = sorted({n for r in rows for n in r["results"]})
     fig, axes = plt.subplots(1, 2, figsize=(15, 5), gridspec_kw={"width_ratios": [max(len(compute), 1), max(len(memory), 1)]})
     for ax, group, key, unit in ((axes[0], compute, "tflops", "TFLOP/s"), (axes[1], memory, "gbps", "GB/s")):
-        width = 0.8 / max(len(names), 1)
-        for i, name in enumerate(names):
-            values = [r["results"].get(name, {}).get(key, 0.0) for r in group]
-            ax.bar([x + i * width for x in range(len(group))], values, width, label=name)
-        ax.set_xticks([x + 0.4 - width / 2 for x in range(len(group))])
-        ax.set_xticklabels([r["model"] for r in group], rotation=30, ha="right", fontsize=8)
+        harness.grouped_bars(ax, [r["model"] for r in group],
+                             {name: [r["results"].get(name, {}).get(key, 0.0) for r in group] for name in names},
+                             rotation=30, ha="right", fontsize=8)
         ax.set_ylabel(unit)
     if bandwidth_ceiling:
         axes[1].axhline(bandwidth_ceiling, color="gray", linestyle="--", linewidth=1, label="H100 copy ceiling (~3000 GB/s)")
     axes[0].legend(fontsize=8)
     axes[1].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    harness.save_figure(fig, path, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -91,9 +91,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax.set_xlabel("seconds (first call, one device, tiny config)")
     ax.tick_params(axis="y", labelsize=6)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    harness.save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

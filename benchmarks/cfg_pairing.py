@@ -153,9 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         ax.bar(names, [report["methods"][n]["seconds"] for n in names], color=["gray", "tab:blue", "tab:orange"])
         ax.set_ylabel("seconds per generation")
         ax.set_title(f"CFG on 2 ranks: {cfg.name}, {cfg.steps} steps", fontsize=9)
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
+        harness.save_figure(fig, path, dpi=100)
 
     path = harness.write_results(args.out, f"cfg_pairing_{cfg.name}_cpu", report, markdown=markdown, plot=plot)
     print(markdown)

@@ -84,6 +84,18 @@ class Worker:
         return "\n".join(lines[-12:]) or "no output"
 
 
+def _die_with_parent() -> None:
+    """In the child before ``exec``: SIGTERM when the driver dies, even by SIGKILL (a timeout).
+
+    Workers run in their own session (so ``kill`` reaches every rank), which also keeps them
+    alive after the driver; torchrun answers SIGTERM by stopping its ranks. Linux only."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def _launch(argv: list[str], ranks: int, threads: int, log_path: Path) -> subprocess.Popen:
     """``e2e.py argv`` in its own session (torchrun with ``ranks`` > 1), output to ``log_path``."""
     script = str(ENTRY)
@@ -95,7 +107,8 @@ def _launch(argv: list[str], ranks: int, threads: int, log_path: Path) -> subpro
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     with open(log_path, "w") as log_file:
-        return subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=_die_with_parent)
 
 
 def _run_one_shot(argv: list[str], threads: int, log_path: Path, timeout: float) -> tuple[bool, str]:
@@ -104,7 +117,8 @@ def _run_one_shot(argv: list[str], threads: int, log_path: Path, timeout: float)
     try:
         ok = proc.wait(timeout=timeout) == 0
     except subprocess.TimeoutExpired:
-        proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         ok = False
     lines = log_path.read_text(errors="replace").strip().splitlines()
     return ok, "\n".join(lines[-12:])

@@ -141,9 +141,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax.set_ylabel(f"seconds per {report['config']['steps']}-step generation")
     ax.set_title(f"{report['model'][:60]}\n{report['device']}, {report['config']['dtype']}, {report['date'][:10]}", fontsize=8)
     plt.setp(ax.get_xticklabels(), rotation=25, ha="right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    harness.save_figure(fig, path, dpi=120)
 
 
 def stem(report: dict[str, Any]) -> str:

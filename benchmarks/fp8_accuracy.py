@@ -144,18 +144,12 @@ def plot(report: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 3.5))
     names = [r["model"] for r in rows]
     series = [("denoiser", "bf16"), ("denoiser", "fp8"), ("steps_final_latent", "bf16"), ("steps_final_latent", "fp8")]
-    width = 0.8 / len(series)
-    for i, (group, key) in enumerate(series):
-        ax.bar([x + i * width for x in range(len(rows))], [r[group][key] for r in rows], width, label=f"{group} {key}")
-    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(rows))])
-    ax.set_xticklabels(names)
+    harness.grouped_bars(ax, names, {f"{group} {key}": [r[group][key] for r in rows] for group, key in series})
     ax.set_yscale("log")
     ax.set_ylabel("relative error vs fp32 eager")
     ax.legend(fontsize=7)
     ax.set_title(f"fp8 attention accuracy, {report['environment']['device']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    harness.save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -662,21 +662,15 @@ def plot(report: dict[str, Any], path: Path) -> None:
     left.set_xlabel("seconds per generation (lower is better)")
     shapes = list(dict.fromkeys(k.split(" | ")[0] for k in attention))
     backends = list(dict.fromkeys(k.split(" | ")[1] for k in attention))
-    width = 0.8 / max(len(backends), 1)
-    for i, backend in enumerate(backends):
-        right.bar([x + i * width for x in range(len(shapes))],
-                  [attention.get(f"{s} | {backend} | TFLOP/s", 0.0) for s in shapes], width, label=backend)
-    right.set_xticks([x + 0.4 - width / 2 for x in range(len(shapes))])
-    right.set_xticklabels(shapes, rotation=30, ha="right", fontsize=7)
+    harness.grouped_bars(right, shapes, {b: [attention.get(f"{s} | {b} | TFLOP/s", 0.0) for s in shapes] for b in backends},
+                         rotation=30, ha="right", fontsize=7)
     right.set_ylabel("TFLOP/s")
     if backends:
         right.legend(fontsize=7)
     env = report["environment"]
     fig.suptitle(f"vdopt gpu-check, {env['device']}, torch {env['versions']['torch']}"
                  + (" (TINY: CPU rehearsal, not GPU numbers)" if report["config"]["tiny"] else ""), fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    harness.save_figure(fig, path)
 
 
 def run(cfg: CheckConfig, out: Path, *, only: list[str] | None = None,

@@ -213,6 +213,22 @@ def pyplot():
     return plt
 
 
+def save_figure(fig, path: Path, *, dpi: int = 110) -> None:
+    """Lay out, write and close ``fig`` (closed figures do not pile up over a long run)."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+
+
+def grouped_bars(ax, labels: list[str], series: Mapping[str, list[float]], **tick_options: Any) -> None:
+    """One group of bars per label, one bar per series in each group, ticks at the groups' centres."""
+    width = 0.8 / max(len(series), 1)
+    for i, (name, values) in enumerate(series.items()):
+        ax.bar([x + i * width for x in range(len(labels))], values, width, label=name)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(labels))])
+    ax.set_xticklabels(labels, **tick_options)
+
+
 def write_results(out: Path, stem: str, report: dict[str, Any], *, markdown: str | None = None,
                   plot: Callable[[dict[str, Any], Path], None] | None = None) -> Path:
     """``out/<stem>.json`` (+ ``.md``, + ``.png``); returns ``out/<stem>`` (no suffix)."""

@@ -157,9 +157,7 @@ def plot(result: dict, path: Path) -> None:
                     ha="center", va="bottom", fontsize=9)
     ax.set_ylabel(f"{result['clock']} ms per step (best generation / steps)")
     ax.set_title(f"PAB, {result['model']} {result['shape']}, {result['steps']} steps\n{result['device']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    harness.save_figure(fig, path, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> dict:

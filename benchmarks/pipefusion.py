@@ -316,9 +316,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax2.set_ylabel("projected speed-up per call")
     ax2.set_title(f"projection: Wan2.1-1.3B 81x480x832, {link}", fontsize=10)
     ax2.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    harness.save_figure(fig, path, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -311,9 +311,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax.set_title(f"PROJECTION: {report['model']}\ncompute(1) {report['compute_1_s'] * 1e3:.0f} ms "
                  f"({report['compute_1_source'][:60]})", fontsize=8)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    harness.save_figure(fig, path, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -75,9 +75,7 @@ def plot(report: dict, path: Path) -> None:
     ax.set_xticks(range(len(strategies)), strategies, rotation=30, fontsize=7)
     ax.set_yticks(range(len(models)), models, fontsize=6)
     ax.set_title("vdopt support matrix (green: passes, yellow: not run, red: xfail)", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    harness.save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -200,9 +200,7 @@ def _plot(report: dict[str, Any], path: Path) -> None:
     for ax in (a, b):
         ax.tick_params(axis="x", rotation=30)
     fig.suptitle(f"Patch-parallel VAE decode, {report['config_name']}, video {report['video']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    harness.save_figure(fig, path, dpi=80)
 
 
 def main(argv: list[str] | None = None) -> Path:

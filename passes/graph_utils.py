@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import operator
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Hashable, Iterator
 
 import torch
 import torch.fx
 from torch._guards import detect_fake_mode
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.fx._lazy_graph_module import _LazyGraphModule
 from torch.utils import _pytree as pytree
 
 from vdopt import meta
@@ -27,6 +30,23 @@ def copying_exported_graphs():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_TORCH_LEAFSPEC_DEEPCOPY_WARNING, category=FutureWarning)
         yield
+
+
+def read_only(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """``gm`` as a graph that is read, not run: its Python code is generated on first use.
+
+    Every pass recompiles the graph it rewrote (``runner``), which generates and compiles
+    its Python code: most of a rewrite's time on a small graph. The planner only reads its
+    graphs (shapes and targets), so it builds them as torch's ``_LazyGraphModule``, whose
+    ``recompile`` only marks the code stale; calling the module or reading ``code`` still
+    generates it. Deep copies and ``graph_module_like`` keep the kind."""
+    return _LazyGraphModule.from_graphmodule(gm)
+
+
+def graph_module_like(root: torch.fx.GraphModule, graph: torch.fx.Graph) -> torch.fx.GraphModule:
+    """``GraphModule(root, graph)``, read-only (``read_only``) where ``root`` is."""
+    cls = _LazyGraphModule if isinstance(root, _LazyGraphModule) else torch.fx.GraphModule
+    return cls(root, graph)
 
 
 def fake_value(node_or_value: Any) -> Any:
@@ -51,15 +71,78 @@ def fake_mode_of(graph: torch.fx.Graph):
     return mode
 
 
+_SHARED_VALUES: contextvars.ContextVar[dict | None] = contextvars.ContextVar("vdopt_shared_values", default=None)
+
+
+@contextlib.contextmanager
+def sharing_values(shared: dict) -> Iterator[None]:
+    """Within: ``propagate_value`` gives an op the value it gave before to the same op on
+    arguments of the same metadata (shapes, strides, dtypes, constants): the same object,
+    kept in ``shared`` (pass the same dict to share across scopes).
+
+    A fake op costs 0.5 to 3 ms however small (torch's own cache of fake results still
+    rebuilds them), and the planner propagates the same ops on the same shapes in every copy
+    and candidate of a model; this is most of its time. Only where values are read for their
+    metadata, never mutated nor compared by storage: the planner's candidate graphs, built in
+    this scope (a ContextVar, so the scope is this thread's only). Mutating ops, symbolic
+    sizes and tensors whose values are known (constants, real tensors) are never shared."""
+    token = _SHARED_VALUES.set(shared)
+    try:
+        yield
+    finally:
+        _SHARED_VALUES.reset(token)
+
+
+class _Unshared(Exception):
+    pass
+
+
+_CONSTANTS = (bool, int, float, str, type(None), torch.dtype, torch.device, torch.memory_format, torch.layout)
+
+
+def _metadata(value: Any) -> Hashable:
+    if isinstance(value, torch.Tensor):
+        # a real tensor, or a fake one carrying its constant's values: results may depend on them
+        if not isinstance(value, FakeTensor) or value.constant is not None or value.layout is not torch.strided:
+            raise _Unshared
+        sizes = (*value.shape, *value.stride(), value.storage_offset())
+        if not all(type(s) is int for s in sizes):
+            raise _Unshared
+        return type(value), sizes, value.dim(), value.dtype, value.device, value.layout, value.requires_grad
+    if isinstance(value, (list, tuple)):
+        return type(value), tuple(_metadata(v) for v in value)
+    if isinstance(value, dict):
+        return dict, tuple((k, _metadata(v)) for k, v in value.items())
+    if isinstance(value, _CONSTANTS):
+        return type(value), value
+    raise _Unshared
+
+
 def propagate_value(graph: torch.fx.Graph, target: Callable, args: tuple, kwargs: dict, *, fake_mode=None) -> Any:
     """Run ``target`` on the fake values of its arguments to get the new node's ``val``.
 
     ``fake_mode`` is the graph's (``fake_mode_of``): callers creating many nodes pass it once
-    found, since finding it scans the graph.
+    found, since finding it scans the graph. See ``sharing_values`` for the planner's reuse.
     """
     fake_args, fake_kwargs = pytree.tree_map_only(torch.fx.Node, fake_value, (args, kwargs))
-    with fake_mode or fake_mode_of(graph):
-        return target(*fake_args, **fake_kwargs)
+    mode = fake_mode or fake_mode_of(graph)
+    shared, key = _SHARED_VALUES.get(), None
+    if shared is not None and isinstance(target, torch._ops.OpOverload) and not target._schema.is_mutable:
+        try:
+            key = (mode, target, _metadata((fake_args, fake_kwargs)))
+        except _Unshared:
+            pass
+        if key in shared:
+            return shared[key]
+    with mode:
+        value = target(*fake_args, **fake_kwargs)
+    if key is not None:
+        try:
+            _metadata(value)  # no symbolic size (a data-dependent one is new at every call)
+            shared[key] = value
+        except _Unshared:
+            pass
+    return value
 
 
 def insert_call(

@@ -32,8 +32,21 @@ def pytest_sessionstart(session):
 
 
 # Tests compare float32 results at 1e-5..1e-6; deterministic single-threaded CPU math keeps
-# them fast on the 2-core CI machine too.
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# them fast on the 2-core CI machine too. pytest-xdist's workers share the cores.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
+
+LONGEST_FIRST = ("test_gpu_check.py", "test_parallel_equivalence.py", "test_matrix.py", "test_pipefusion.py",
+                 "test_training.py", "test_vae.py", "test_artifacts.py", "test_cli.py")
+"""The files that take longest (``--durations``), started first: the suite runs file by file on
+pytest-xdist's workers (``-n 2``, ``--dist loadfile``: a file's module fixtures, such as one gloo
+launch for many tests, run once), and the long files started last would leave a worker idle."""
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order otherwise kept
+
 
 SEED_ENV = "VDOPT_TEST_SEED"
 """Set it to replay a failure: every test then seeds with this value instead of a fresh one.

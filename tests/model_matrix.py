@@ -363,15 +363,14 @@ ALL = "*"
 _GDN = ("sequence parallel: self-attention of the (linear, every 4th softmax) block 0 is a bidirectional "
         "gated-delta-net recurrence over the tokens (SanaWMBidirectionalGDNAttention, no SDPA): the split tokens "
         "are gathered before it: exact, but no all-to-all or ring runs")
-_FLEX_SP = ("sequence parallel: self-attention is flex_attention (a higher-order op, not SDPA), which vdopt "
-            "does not shard: the tokens are gathered before it (exact, but no all-to-all or ring runs)")
+_FLEX_RING = ("ring: self-attention is flex_attention (a higher-order op, not SDPA), which vdopt runs "
+              "head-parallel under Ulysses only (ring attention would need its score_mod and block mask cut per "
+              "K/V block): the tokens are gathered before it (exact, but no ring runs)")
 EXPECTED_ROWS: dict[str, dict[str, str]] = {
     "AnyFlowFARTransformer3DModel": {
-        "ulysses2": _FLEX_SP, "ring2": _FLEX_SP,
-        "pab": ("pab: 4e-3 from diffusers' hook, which broadcasts the flex-attention self-attention modules "
-                "that vdopt's PAB (SDPA and matmul attention only) computes every step")},
+        "ring2": _FLEX_RING},
     "Kandinsky6SRTransformer3DModel": {
-        "ulysses2": _FLEX_SP, "ring2": _FLEX_SP},
+        "ring2": _FLEX_RING},
     "SanaWMTransformer3DModel": {
         "ulysses2": _GDN, "ring2": _GDN},
     "WanAnimateTransformer3DModel": {

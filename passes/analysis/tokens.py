@@ -10,7 +10,7 @@ table of the dimension core (``dims/rules.py``), dim by dim:
   linears and matmuls (the left operand), slices and splits keep the dim: follow it;
 * a concatenation along the dim (text tokens joined to video tokens) follows the operands
   computed from the latent: the text rows stay replicated;
-* an attention output's sequence dim is its query's;
+* an attention output's sequence dim is its query's (SDPA's, and flex attention's);
 * a reshape follows the dim when one input dim maps onto it whole; when it *merges* input
   dims into it (``flatten`` of the ``(T, H, W)`` grid of a patch embedding, of any kind),
   the walk stops there and the merged sizes are the grid factors;
@@ -33,7 +33,7 @@ import torch
 import torch.fx
 from torch.fx.experimental.symbolic_shapes import guard_or_true, statically_known_true
 
-from vdopt.passes.dims.rules import DimOp, dim_args, dim_map, op_rule, permutation, shape_of
+from vdopt.passes.dims.rules import FLEX_ATTENTION, DimOp, dim_args, dim_map, op_rule, permutation, shape_of
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
@@ -95,6 +95,8 @@ def _back(node: torch.fx.Node, dim: int, from_latent: set[torch.fx.Node]) -> lis
     kind = rule.kind
     if kind is DimOp.GETITEM:
         parent, _ = node.args
+        if parent.op == "call_function" and parent.target is FLEX_ATTENTION:  # output, log-sum-exp, max
+            return [(parent.args[0], dim)] if dim == 2 else None
         prule = op_rule(parent.target) if parent.op == "call_function" else None
         if prule is not None and prule.kind is DimOp.SPLIT:
             return [(parent.args[0], dim)]

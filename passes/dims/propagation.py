@@ -39,7 +39,7 @@ from torch.utils import _pytree as pytree
 
 from vdopt.mesh import AxisGroup
 from vdopt.passes.dims.emit import Emitter, resized
-from vdopt.passes.dims.rules import DimOp, arg, dim_args, dim_map, op_rule, permutation, with_arg
+from vdopt.passes.dims.rules import FLEX_ATTENTION, DimOp, arg, dim_args, dim_map, op_rule, permutation, with_arg
 from vdopt.passes.dims.sharded_shape import Dim, Factor, ShardedShape, Split, map_reshape
 from vdopt.passes.dims.split_ends import pad_end, trim_end
 
@@ -447,6 +447,8 @@ class ShardPropagator:
     # -- rules -------------------------------------------------------------------------------
     def rule(self, node: torch.fx.Node) -> Any:
         """The node's output sharding (a tuple for several outputs); rewrites its sizes to local."""
+        if node.target is FLEX_ATTENTION:
+            return self.rule_flex_attention(node)
         rule = op_rule(node.target)
         handler = self._RULES.get(rule.kind) if rule is not None else None
         if handler is None:
@@ -857,6 +859,24 @@ class ShardPropagator:
                 raise NeedGather("keys split along the sequence but queries are not")
             return self.seq_attention(self, node)
         return self.local_sdpa(node)
+
+    def rule_flex_attention(self, node: torch.fx.Node) -> tuple:
+        """flex attention's mask and score modifications index whole sequences: only the
+        ``seq_attention`` callback can keep it sharded (head-parallel, Ulysses); else gather."""
+        lq = self.layout(node.args[0])
+        if self.seq_attention is None or lq is None or not lq.dims[2].sharded:
+            raise NeedGather("flex_attention runs on whole sequences (no rule for split batch or heads)")
+        return self.seq_attention(self, node)
+
+    def gather_factor(self, x: torch.fx.Node, layout: ShardedShape, dim: int, j: int,
+                      purpose: str) -> tuple[torch.fx.Node, ShardedShape]:
+        """``x`` with factor ``j`` of ``dim`` gathered over every axis of its split (others kept)."""
+        f = layout.dims[dim].factors[j]
+        out = self._gather_factor(x, dim, layout.dims[dim], j, len(f.split.axes), purpose)
+        new = layout.with_dim(dim, layout.dims[dim].with_factor(j, Factor(f.label, f.size)))
+        self.layouts[out] = new
+        self.counts["gathers"] += 1
+        return out, new
 
     def local_sdpa(self, node: torch.fx.Node) -> ShardedShape | None:
         """SDPA whose keys are whole on every rank: only batch, heads or query rows are split."""

@@ -31,6 +31,12 @@ from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 aten = torch.ops.aten
 
 
+FLEX_ATTENTION = torch.ops.higher_order.flex_attention
+"""flex attention, kept out of the table: a higher-order op whose ``score_mod``/``mask_mod``
+subgraphs and block mask index full-length positions, so no generic dim rule fits it
+(sequence parallel has its own, ``ShardPropagator.rule_flex_attention``)."""
+
+
 class DimOp(enum.Enum):
     """How an op moves the dims of its tensor inputs to its output."""
 

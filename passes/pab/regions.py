@@ -8,10 +8,11 @@ by module scope (``nn_module_stack``, which ``insert_call(like=...)`` copies ont
 its outputs are the nodes in the module's scope that something outside the scope reads.
 That is what diffusers' PAB hook caches too (the attention module's return value).
 
-Attention without an SDPA node (linear attention: ``Q (K^T V)``, Sana) has no attention
-site; its module is found from the graph instead: the innermost module whose scope holds a
-matmul or einsum of two activations, each computed inside that module from its own
-projections (q/k/v). A feed-forward has projections but multiplies no two activations.
+Attention without an SDPA node (linear attention: ``Q (K^T V)``, Sana; flex attention,
+AnyFlow's causal self-attention) has no attention site; its module is found from the graph
+instead: the innermost module whose scope holds a matmul or einsum of two activations (or a
+flex attention of its q and k), each computed inside that module from its own projections
+(q/k/v). A feed-forward has projections but multiplies no two activations.
 Such a module is broadcast only when its class is an attention class (``Attention`` in the
 name of the class or a base): diffusers' hook goes by class, and structure alone would
 also take token mixers it leaves alone (SanaWM's gated delta net).
@@ -31,6 +32,7 @@ import torch.fx
 from vdopt import meta
 from vdopt.passes.analysis.attention import depends_on_latent
 from vdopt.passes.analysis.sites import AttentionSite
+from vdopt.passes.dims.rules import FLEX_ATTENTION
 from vdopt.passes.graph_utils import ancestors
 
 log = logging.getLogger(__name__)
@@ -53,8 +55,8 @@ PAB_KINDS: tuple[str, ...] = ("spatial", "temporal", "cross", "mlp")
 LINEARS = {aten.linear.default, aten.addmm.default, aten.mm.default, aten.matmul.default}
 PROJECTIONS = {aten.linear.default, aten.addmm.default}
 """Ops that project activations with a weight (q/k/v projections)."""
-CONTRACTIONS = {aten.matmul.default, aten.bmm.default, aten.mm.default, aten.einsum.default}
-"""Ops that may multiply two activations (scores, ``K^T V``)."""
+CONTRACTIONS = {aten.matmul.default, aten.bmm.default, aten.mm.default, aten.einsum.default, FLEX_ATTENTION}
+"""Ops that may multiply two activations (scores, ``K^T V``; flex attention's ``Q K^T``)."""
 
 
 
@@ -324,7 +326,7 @@ def count_compute(graph: torch.fx.Graph) -> Counter:
             continue
         if n.target in LINEARS:
             counts["linear"] += 1
-        elif _is_attention(n):
+        elif _is_attention(n) or n.target is FLEX_ATTENTION:
             counts["attention"] += 1
         elif getattr(n.target, "namespace", None) in ("_c10d_functional", "c10d_functional"):
             counts["collective"] += 1

@@ -12,6 +12,8 @@ over split tokens:
 * Ulysses (``passes/ulysses.py``): all-to-all sequence <-> heads around the attention;
 * Ring (``passes/ring.py``): K/V blocks passed around the ring, merged by log-sum-exp;
 * USP: both, Ulysses on the inner (fastest) axis, Ring over what is left;
+* flex attention (``passes/flex.py``): head-parallel under Ulysses (and USP's Ulysses axis), its
+  mask and score modifications given global head indices; gathered before it under Ring;
 * DSP (``passes/dsp.py``): spatial-temporal models keep the frames split in spatial blocks and
   the spatial tokens split in temporal blocks, switching with one all-to-all per block.
 
@@ -32,16 +34,17 @@ import torch.fx
 
 from vdopt import meta
 from vdopt.collectives import comm_stats, per_purpose_notes, records
-from vdopt.passes.analysis.attention import SDPA, depends_on_latent
+from vdopt.passes.analysis.attention import SDPA, depends_on_latent, module_path
 from vdopt.passes.analysis.grid import grid_shape
 from vdopt.passes.analysis.sites import VideoLayout
 from vdopt.passes.analysis.tokens import find_token_origin
 from vdopt.passes.base import PassContext, PassResult
 from vdopt.passes.dims.propagation import ShardPropagator
-from vdopt.passes.dims.rules import DimOp, op_rule, permutation, shape_of
+from vdopt.passes.dims.rules import FLEX_ATTENTION, DimOp, op_rule, permutation, shape_of
 from vdopt.passes.dims.sharded_shape import Dim, Factor, ShardedShape, Split, map_reshape
 from vdopt.passes.graph_utils import eliminate_dead_code
 from vdopt.passes.parallel.dsp import WANT, first_split, plan_blocks, require_grid, switch_axis_hook
+from vdopt.passes.parallel.flex import flex_attention
 from vdopt.passes.parallel.ring import ring_attention
 from vdopt.passes.parallel.skiparse import skiparse_strides, token_split, token_unit
 from vdopt.passes.parallel.ulysses import ulysses_attention
@@ -121,7 +124,13 @@ def attend(prop: ShardPropagator, node: torch.fx.Node, purpose: str):
     return ulysses_attention(prop, node, purpose, inner=attend)
 
 
+def _flex_purpose(node: torch.fx.Node) -> str:
+    return module_path(node) or node.name
+
+
 def seq_attention(prop: ShardPropagator, node: torch.fx.Node):
+    if node.target is FLEX_ATTENTION:
+        return flex_attention(prop, node, _flex_purpose(node))
     site = node.meta.get(meta.SITE)
     purpose = site.name if site is not None else node.name
     users = list(node.users)
@@ -170,7 +179,7 @@ class SequenceParallel:
         embedding: conv, linear on patchified tokens, packed latents, pre-patchified inputs)."""
         mesh = ctx.mesh
         from_latent = depends_on_latent(gm.graph)
-        sdpas = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is SDPA
+        sdpas = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in (SDPA, FLEX_ATTENTION)
                  and n.args[0] in from_latent and getattr(n.meta.get(meta.SITE), "kind", "full") not in ("cross", "text")]
         origin = find_token_origin(sdpas, from_latent)
         if origin is None:
@@ -224,6 +233,7 @@ class SequenceParallel:
             plan, purposes = plan_blocks(ctx.sites)
             hook = switch_axis_hook(plan, purposes)
         prop = ShardPropagator(gm, created_by=self.name, seq_attention=seq_attention, before_node=hook)
+        flex = [_flex_purpose(n) for n in gm.graph.find_nodes(op="call_function", target=FLEX_ATTENTION)]
         prop.shard(point, ShardedShape(tuple(dims)))
         prop.run()
         eliminate_dead_code(gm.graph)
@@ -252,4 +262,7 @@ class SequenceParallel:
             "localized": prop.counts["localized"],
             "per_site": per_site,
         }
+        if flex:  # not attention sites (those are SDPA): how each ran, and why gathered
+            stats["flex_attention"] = {p: prop.notes.get(p, "gathered") + (f": {notes[p]}" if p in notes else "")
+                                       for p in flex}
         return PassResult(gm=gm, modified=True, stats=stats)

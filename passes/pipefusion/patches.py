@@ -32,7 +32,7 @@ from torch.utils import _pytree as pytree
 
 from vdopt.passes.dims.emit import Emitter, resized
 from vdopt.passes.dims.rules import DimOp, arg, dim_args, dim_map, op_rule, shape_of
-from vdopt.passes.graph_utils import fake_mode_of
+from vdopt.passes.graph_utils import eliminate_dead_code, fake_mode_of, graph_module_like
 
 aten = torch.ops.aten
 CREATED_BY = "patch_shapes"
@@ -702,13 +702,13 @@ def rewrite_for_patch(
         if n.name in pdims.required:  # a whole-latent value computed here, read patch-wise
             new = slice_patch_nodes(em, new, pdims.required[n.name], extent, start, length)
         env[n] = new
-    graph.eliminate_dead_code()
+    eliminate_dead_code(graph)
     out_node = next(iter(reversed(gm.graph.nodes)))
     output_dims = tuple(
         pdims.of(a.name) if isinstance(a, torch.fx.Node) else None for a in out_node.args[0]
     )
     return PatchGraph(
-        gm=torch.fx.GraphModule(gm, graph),
+        gm=graph_module_like(gm, graph),
         cache_sites=tuple(s.name for s in stale_nodes),
         input_shapes=tuple(input_shapes),
         output_dims=output_dims,

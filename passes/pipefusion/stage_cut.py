@@ -31,6 +31,7 @@ from vdopt.passes.analysis.attention import depends_on_latent
 from vdopt.passes.analysis.grid import find_grid, grid_shape
 from vdopt.passes.analysis.sites import VideoLayout
 from vdopt.passes.base import PassContext, PassResult
+from vdopt.passes.graph_utils import eliminate_dead_code, graph_module_like
 from vdopt.passes.pipefusion.patches import PatchDim, PatchDims, PatchError, infer_patch_dims
 from vdopt.passes.pipefusion.stage_split import POST, PRE, StageLayout, extract_graph, is_stage_boundary, split_stages
 
@@ -256,8 +257,8 @@ def extract_post(gm: torch.fx.GraphModule, cut: StageNodes) -> torch.fx.GraphMod
     output_node = next(iter(reversed(gm.graph.nodes)))
     flat_out = pytree.tree_map_only(torch.fx.Node, lambda a: env[a], output_node.args[0])
     graph.output(tuple(flat_out))
-    graph.eliminate_dead_code()
-    return torch.fx.GraphModule(gm, graph)
+    eliminate_dead_code(graph)
+    return graph_module_like(gm, graph)
 
 
 @dataclasses.dataclass(kw_only=True)

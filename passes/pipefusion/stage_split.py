@@ -34,7 +34,7 @@ import torch.fx
 from vdopt import meta
 from vdopt.passes.analysis.attention import depends_on_latent
 from vdopt.passes.base import PassContext, PassResult
-from vdopt.passes.graph_utils import insert_call
+from vdopt.passes.graph_utils import eliminate_dead_code, graph_module_like, insert_call
 
 log = logging.getLogger(__name__)
 
@@ -463,8 +463,8 @@ def extract_graph(
         if value not in env and value.op == "get_attr":
             env[value] = graph.node_copy(value)
     graph.output(tuple(env[v] for v in outputs))
-    graph.eliminate_dead_code()
-    return torch.fx.GraphModule(gm, graph)
+    eliminate_dead_code(graph)
+    return graph_module_like(gm, graph)
 
 
 def parameter_bytes(gm: torch.nn.Module) -> int:

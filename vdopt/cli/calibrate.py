@@ -12,7 +12,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--ranks", type=int, default=2, help="local processes for the all-to-all link measurement (default 2)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch threads while measuring a CPU (default: torch's; use what each rank will run with)")
+                   help="torch threads per rank while measuring a CPU (default: the cores shared out among "
+                        "the ranks; use what each rank will run with)")
     p.add_argument("--quick", action="store_true", help="smaller sizes and fewer repeats (a smoke run)")
     p.set_defaults(func=run)
 

@@ -6,7 +6,12 @@ With PipeFusion (N stages, M patches) each call fills and drains the pipeline (s
 patch i-1, so a call takes M times the slowest stage's patch time plus every other stage's
 patch time once, plus one hand-over per stage boundary on the critical path (the others
 overlap with compute), the prologue, the epilogue and the broadcast of the output.
-Predicted for pipelined calls (after the warm-up steps, which run every patch fresh).
+Predicted for pipelined calls (after the warm-up steps, which run every patch fresh) made
+step by step, ``opt(...)`` once per denoising step: the fill and drain are paid on every
+call, and that is what ``benchmarks/plan_validation.py`` measures. ``opt.denoise(...)``
+keeps the pipeline full across steps (as xDiT times it): a step there takes about the M
+patches of the slowest stage, without the "pipeline fill/drain" part of the breakdown
+(paid once per generation).
 
 PAB (``PABConfig``): a site recomputes on 1 of ``range`` calls inside its timestep window
 (the window's share of a 1000-step schedule), its collectives with it.

@@ -88,10 +88,13 @@ def _is_view(node: torch.fx.Node) -> bool:
     return node.target in VIEWS or node.target is operator.getitem
 
 
-def attention_efficiency(kv_len: int, head_dim: int) -> float:
-    """Fraction of a row's attention rate reached at key length ``kv_len`` and ``head_dim``."""
+def attention_efficiency(kv_len: int, head_dim: int, half_kv: float | None = None) -> float:
+    """Fraction of a row's attention rate reached at key length ``kv_len`` and ``head_dim``;
+    ``half_kv``: the row's ``attention_half_kv`` (``None``: ``ATTENTION_HALF_KV``)."""
+    half = ATTENTION_HALF_KV if half_kv is None else half_kv
+
     def raw(kv: int, d: int) -> float:
-        return kv / (kv + ATTENTION_HALF_KV) * (min(d, 128) / 128) ** 0.4
+        return kv / (kv + half) * (min(d, 128) / 128) ** 0.4
 
     return min(1.0, raw(kv_len, head_dim) / raw(*ATTENTION_REFERENCE))
 
@@ -193,7 +196,7 @@ def graph_cost(
         if target in ATTENTION_OPS or target == RING_OP:
             flops, kv, d = attention_shape(node)
             dtype = out.dtype if isinstance(out, torch.Tensor) else torch.float32
-            rate = device.rate(device.attention_tflops, dtype) * attention_efficiency(kv, d)
+            rate = device.rate(device.attention_tflops, dtype) * attention_efficiency(kv, d, device.attention_half_kv)
             compute = max(flops / rate, moved / bandwidth)
             cost.attention_s += share * compute
             cost.flops += int(share * flops)

@@ -1,7 +1,10 @@
 """Cost a candidate mesh from captures of the model with few blocks (``repeats``).
 
-``Costing`` captures the model on demand, once per block count, and shares each capture
-between all candidates. Without PipeFusion a candidate is built and costed on the copies
+``Costing`` captures the largest copy once and cuts the smaller ones out of its graph
+(``repeats.drop_blocks``), each shared by all candidates; the fake values its rewrites
+propagate are shared too (``graph_utils.sharing_values``: the same op on the same shapes
+recurs in every copy and candidate), and the graphs are never compiled to Python
+(``graph_utils.read_only``). Without PipeFusion a candidate is built and costed on the copies
 with 1 and 2 repeated blocks and extrapolated to all ``L``. With PipeFusion over ``P``
 stages the stage split of the whole model is computed first (the same balance of block
 FLOPs ``StageSplit`` runs, over ``L`` copies of the block), giving ``c_s`` blocks to stage
@@ -24,17 +27,20 @@ the captured block FLOPs, before the mesh's rewrites (``StageSplit`` balances af
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 from typing import Any
 
 import torch
 
+from vdopt.capture import capture
 from vdopt.config import PABConfig, PipeFusionConfig
+from vdopt.passes.graph_utils import read_only, sharing_values
 from vdopt.passes.pipefusion.stage_split import balance_stages, find_blocks
 from vdopt.planning.call_cost import CallCost, call_cost, pab_share, pipeline_cost, stage_figures
 from vdopt.planning.devices import DeviceSpec, LinkSpec
-from vdopt.planning.rank_graphs import CapturedModel, capture_model, rank_graphs
-from vdopt.planning.repeats import RepeatedBlocks, find_repeated_blocks, truncated
+from vdopt.planning.rank_graphs import CapturedModel, captured_model, copy_graph, rank_graphs
+from vdopt.planning.repeats import RepeatedBlocks, drop_blocks, find_repeated_blocks, truncated
 
 log = logging.getLogger(__name__)
 
@@ -46,27 +52,56 @@ and the last."""
 class Costing:
     """Captures of one model call, and the cost of any candidate from them.
 
-    ``counts`` tallies the work done (``capture <k>`` per capture with ``k`` repeated blocks,
-    ``capture all``, ``build`` per candidate graph set built), for the report and the tests.
+    With ``reuse``, the largest copy any candidate of up to ``stages`` PipeFusion stages
+    needs (2 blocks; with PipeFusion, 2 per stage of ``min(stages, 3)``) is captured once and
+    every smaller copy is cut out of its graph (``repeats.drop_blocks``; captured where that
+    does not apply). ``counts`` tallies the work done (``capture <k>`` per capture with ``k``
+    repeated blocks, ``capture all``, ``cut <k>`` per copy cut out of the largest, ``build``
+    per candidate graph set built), for the report and the tests.
     """
 
-    def __init__(self, model: torch.nn.Module, inputs: dict[str, Any], *, reuse: bool = True) -> None:
+    def __init__(self, model: torch.nn.Module, inputs: dict[str, Any], *, reuse: bool = True, stages: int = 1) -> None:
         self.model = model
         self.inputs = inputs
         self.reuse = reuse
         self.repeated: RepeatedBlocks | None = find_repeated_blocks(model) if reuse else None
         self.counts: collections.Counter[str] = collections.Counter()
         self._captures: dict[int | None, CapturedModel] = {}
+        self._largest = 2 * min(stages, MIDDLE_STAGES) if stages > 1 else 2
+        self._raw: torch.fx.GraphModule | None = None  # the largest copy as captured, never rewritten
+        self._values: dict = {}  # fake values shared by every build (``graph_utils.sharing_values``);
+        # not without ``reuse``, which stays the plain reference the fast plan is checked against
+
+    def _key(self, keep: int | None) -> int | None:
+        return None if keep is None or self.repeated is None or keep >= self.repeated.length else keep
 
     def capture(self, keep: int | None = None) -> CapturedModel:
         """The capture with ``keep`` repeated blocks (``None``: the whole model)."""
-        if keep is not None and (self.repeated is None or keep >= self.repeated.length):
-            keep = None
+        keep = self._key(keep)
         if keep not in self._captures:
-            model = self.model if keep is None else truncated(self.model, self.repeated, keep)
-            self.counts["capture all" if keep is None else f"capture {keep}"] += 1
-            self._captures[keep] = capture_model(model, self.inputs)
+            self._captures[keep] = captured_model(self._graph(keep))
         return self._captures[keep]
+
+    def _graph(self, keep: int | None) -> torch.fx.GraphModule:
+        """The graph of the copy with ``keep`` blocks, to rewrite: cut out of the largest copy's."""
+        largest = self._key(self._largest)
+        smaller = keep is not None and (largest is None or keep < largest)
+        if self.repeated is None or not (smaller or keep == largest):
+            return self._capture(keep)
+        if self._raw is None:
+            self._raw = self._capture(largest)
+        if keep == largest:
+            return copy_graph(self._raw)
+        cut = drop_blocks(self._raw, self.repeated.length if largest is None else largest, keep)
+        if cut is None:
+            return self._capture(keep)
+        self.counts[f"cut {keep}"] += 1
+        return cut
+
+    def _capture(self, keep: int | None) -> torch.fx.GraphModule:
+        self.counts["capture all" if keep is None else f"capture {keep}"] += 1
+        model = self.model if keep is None else truncated(self.model, self.repeated, keep)
+        return read_only(capture(model, self.inputs))
 
     @property
     def analysis(self) -> CapturedModel:
@@ -82,7 +117,8 @@ class Costing:
 
     def _build(self, captured: CapturedModel, degrees: dict[str, int], pab, pipefusion):
         self.counts["build"] += 1
-        return rank_graphs(captured, degrees, pab=pab, pipefusion=pipefusion, costing_only=self.reuse)
+        with sharing_values(self._values) if self.reuse else contextlib.nullcontext():
+            return rank_graphs(captured, degrees, pab=pab, pipefusion=pipefusion, costing_only=self.reuse)
 
     def cost(self, degrees: dict[str, int], device: DeviceSpec, link: LinkSpec, *, pab: PABConfig | None = None,
              pipefusion: PipeFusionConfig | None = None) -> CallCost:

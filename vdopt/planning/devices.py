@@ -35,8 +35,14 @@ class DeviceSpec:
     attention_tflops: dict[str, float]
     """What the attention kernel reaches at long sequences per dtype name, TFLOP/s
     (4*B*N*Sq*Skv*D per second); short sequences reach less (``cost_model``)."""
+    attention_half_kv: float | None = None
+    """Key length at which the attention kernel reaches half its long-sequence rate
+    (``cost_model.attention_efficiency``); ``None``: the GPU kernels' ``ATTENTION_HALF_KV``.
+    A calibrated row fits its own (CPU kernels lose little at short keys)."""
     memory_bandwidth_gbps: float
-    """What a device memory copy reaches, GB/s."""
+    """Bytes read and written per second by the memory-bound ops of a transformer block
+    (elementwise, norms, copies) at activation sizes, GB/s: what a copy streams on a GPU;
+    on a CPU less (norms and GELU are slower than their bytes)."""
     op_overhead_us: float
     """Fixed cost per executed op (launch, tail), microseconds."""
     view_overhead_us: float = 0.0

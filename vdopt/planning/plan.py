@@ -84,7 +84,8 @@ class Plan:
     seconds: float
     """Seconds spent planning."""
     work: dict[str, int] = dataclasses.field(default_factory=dict)
-    """What planning did (``Costing.counts``): captures by repeated blocks kept, graph builds."""
+    """What planning did (``Costing.counts``): captures and copies cut out of a capture, by
+    repeated blocks kept; graph builds."""
 
     @property
     def best(self) -> Candidate:
@@ -208,8 +209,9 @@ def plan(
         meshes: cost only these assignments (``"ulysses=2,ring=2"`` strings or degree
             dicts); the others are listed in ``Plan.excluded`` as not asked for.
         reuse_blocks: cost identical transformer blocks once (from copies of the model with
-            1 and 2 of them) and extrapolate to all (``vdopt.planning.repeats``); ``False``
-            captures and rewrites the whole model for every mesh (slow; same predictions).
+            1 and 2 of them, cut out of one capture) and extrapolate to all
+            (``vdopt.planning.repeats``); ``False`` captures and rewrites the whole model for
+            every mesh, sharing nothing between meshes (slow; same predictions).
 
     Needs no process group: collectives are named, never run. Raises ``ValueError`` when no
     mesh fits, naming why each was excluded.
@@ -217,7 +219,7 @@ def plan(
     start = time.perf_counter()
     device_spec, link_spec = get_device(device), get_link(link)
     inputs = _shape_inputs(model, bind_call(model, args, kwargs))
-    costing = Costing(model, inputs, reuse=reuse_blocks)
+    costing = Costing(model, inputs, reuse=reuse_blocks, stages=world_size)
     captured = costing.analysis
     assigned = candidates(world_size, captured.sites, captured.layout, costing.blocks())
     if meshes is not None:

@@ -23,7 +23,7 @@ from vdopt.passes.analysis.sites import AttentionSite, VideoLayout
 from vdopt.passes.base import PassContext
 from vdopt.passes.cleanup.drop_noops import DropNoOps
 from vdopt.passes.cleanup.fold_views import FoldViews
-from vdopt.passes.graph_utils import copying_exported_graphs
+from vdopt.passes.graph_utils import copying_exported_graphs, read_only
 from vdopt.passes.order import PipelineOptions, build_pipeline
 from vdopt.passes.parallel.skiparse import check_pipefusion
 from vdopt.passes.pipefusion.stage_graphs import StageGraphs, build_stage_graphs
@@ -68,8 +68,15 @@ class RankGraphs:
 
 
 def capture_model(model: torch.nn.Module, inputs: dict[str, Any]) -> CapturedModel:
-    """Capture ``model(**inputs)`` and run the mesh-independent passes once."""
-    gm = capture(model, inputs)
+    """Capture ``model(**inputs)`` and run the mesh-independent passes once.
+
+    The graph and every graph built from it are read-only (``graph_utils.read_only``): the
+    planner never runs them, so no pass generates their Python code."""
+    return captured_model(read_only(capture(model, inputs)))
+
+
+def captured_model(gm: torch.fx.GraphModule) -> CapturedModel:
+    """Analysis and the mesh-independent passes of a captured graph (rewritten in place)."""
     sites, layout = analyze(gm)
     options = PipelineOptions(mesh=PlanningMesh(), kernels="sdpa", compile=False)
     shared = [p for p in build_pipeline(options) if p.name in SHARED_PASSES]
@@ -78,7 +85,7 @@ def capture_model(model: torch.nn.Module, inputs: dict[str, Any]) -> CapturedMod
     return CapturedModel(gm=gm, sites=sites, layout=layout, records=tuple(records))
 
 
-def _copy_graph(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+def copy_graph(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """A copy to rewrite whose weights are shared with ``gm`` (never duplicated)."""
     memo = {id(t): t for t in [*gm.parameters(), *gm.buffers()]}
     memo.update({id(v): v for v in vars(gm).values() if isinstance(v, torch.Tensor)})
@@ -102,7 +109,7 @@ def rank_graphs(
     options = PipelineOptions(mesh=mesh, pab=pab, pipefusion=pipefusion, kernels="sdpa", compile=False)
     passes = [p for p in build_pipeline(options) if p.name not in SHARED_PASSES]
     ctx = PassContext(mesh=mesh, device=PLANNING_DEVICE, sites=captured.sites, layout=captured.layout, kernels="sdpa")
-    gm, records = run_passes(_copy_graph(captured.gm), ctx, passes)
+    gm, records = run_passes(copy_graph(captured.gm), ctx, passes)
     after = [*SHARED_PASSES, *(r.name for r in records)]
     records = [*captured.records, *records]
     if mesh.pipefusion == 1:
