@@ -69,8 +69,28 @@ def right_operand_split(x, w):
     return (w @ x.transpose(1, 2)).transpose(1, 2)
 
 
+def sort_channels(x, w):
+    """Sorting, and picking by the order, along the (whole) channels of split tokens: local."""
+    values, order = torch.sort(x @ w, dim=-1)
+    return values + torch.gather(x, -1, order) + torch.argsort(x, dim=-1, stable=True).to(x.dtype)
+
+
+def empty_reshape(x, w):
+    """A reshape of no values (split tokens, 0 channels): every rank's empty result is whole."""
+    return x @ w + x[:, :, :0].reshape(-1).sum()
+
+
+def gather_tokens(x, w):
+    """Picking along the split tokens: gathered first (exact)."""
+    order = torch.arange(x.shape[1] - 1, -1, -1).expand(x.shape[0], -1).unsqueeze(-1).expand_as(x)
+    return torch.gather(x @ w, 1, order)
+
+
 CASES = {f.__name__: f for f in (token_sum, token_mean_keepdim, token_max, sum_all, kv_contraction,
                                   einsum_contraction, sana_linear_attention, padded_mean, right_operand_split)}
+LOCAL_CASES = {f.__name__: f for f in (sort_channels, empty_reshape)}
+"""Ops that mix values along a whole dim of split tokens: no collective at all."""
+GATHERED_CASES = {f.__name__: f for f in (gather_tokens,)}
 
 
 class _Fn(torch.nn.Module):
@@ -94,12 +114,14 @@ def _run(rank: int, world: int, tokens_list: tuple[int, ...]) -> dict:
         gen = torch.Generator().manual_seed(tokens)
         x = torch.randn(2, tokens, 8, generator=gen, dtype=torch.float64)
         w = torch.randn(8, 8, generator=gen, dtype=torch.float64) / 3
-        for name, fn in CASES.items():
+        for name, fn in (CASES | LOCAL_CASES | GATHERED_CASES).items():
             gm = torch.export.export(_Fn(fn), (x, w)).module()
             xs = next(n for n in gm.graph.nodes if n.op == "placeholder")
             prop = ShardPropagator(gm, created_by="test")
             split = Split.balanced(tokens, (group,))
-            prop.shard(xs, ShardedShape((Dim.plain(2), Dim((Factor("TS", tokens, split),)), Dim.plain(8))))
+            # export's guards check the whole input
+            prop.shard(xs, ShardedShape((Dim.plain(2), Dim((Factor("TS", tokens, split),)), Dim.plain(8))),
+                       skip=lambda u: u.op == "call_module")
             prop.run()
             gm.graph.eliminate_dead_code()
             gm.recompile()
@@ -108,7 +130,8 @@ def _run(rank: int, world: int, tokens_list: tuple[int, ...]) -> dict:
             kinds = [c.kind for c in communication(gm)]
             err = float((got - ref).abs().max() / ref.abs().max())
             out[(name, tokens)] = {"err": err, "all_reduce": kinds.count("all_reduce"),
-                                   "gathers": list(prop.gather_reasons)}
+                                   "gathers": list(prop.gather_reasons),
+                                   "collectives": [c.kind for c in communication(gm) if c.purpose != "output"]}
     return out
 
 
@@ -128,3 +151,15 @@ def test_reduction_over_split_tokens(outcomes, name: str, tokens: int) -> None:
         else:
             assert o["all_reduce"] >= 1, f"rank {rank}: no all-reduce (the reduction was gathered)"
         assert not o["gathers"], f"rank {rank}: gathered before {o['gathers']}"
+
+
+@pytest.mark.parametrize("tokens", [8, 7])
+@pytest.mark.parametrize("name", list(LOCAL_CASES) + list(GATHERED_CASES))
+def test_ops_along_a_dim_of_split_tokens(outcomes, name: str, tokens: int) -> None:
+    for rank, per_rank in enumerate(outcomes):
+        o = per_rank[(name, tokens)]
+        assert o["err"] <= RTOL, f"rank {rank}: relative error {o['err']:.2e}"
+        if name in LOCAL_CASES:
+            assert not o["gathers"] and not o["collectives"], f"rank {rank}: {o['gathers']} {o['collectives']}"
+        else:
+            assert o["gathers"] and "picks along a split dim" in o["gathers"][0], f"rank {rank}: {o['gathers']}"

@@ -1,4 +1,5 @@
-"""flex attention under Ulysses: head-parallel where valid, gathered (and still exact) where not.
+"""flex attention under Ulysses and CFG parallel: head-parallel (or per sample) where valid,
+gathered (and still exact) where not.
 
 A tiny video model (Conv3d patch embedding, 45 tokens: uneven over 2 ranks) with three flex
 attentions, each with a block mask made by a frame-causal ``mask_mod`` and a ``score_mod``,
@@ -11,6 +12,11 @@ on 2 real gloo ranks against the eager model on one device:
   reading ``h``: head-parallel too, the subgraphs given global head indices;
 * ``attn3`` (6 query heads, 3 K/V heads: the groups do not divide over 2 ranks): its tokens
   are gathered before it, and the report says why.
+
+Under ``cfg=2`` (batch 2, one sample per rank) ``attn2``'s ``score_mod`` and ``mask_mod`` also
+read the sample index ``b`` and its block mask has one entry per sample: all three attentions
+run on the rank's own sample (rank 1's subgraphs given global sample indices), nothing is
+gathered before them.
 """
 
 from __future__ import annotations
@@ -29,14 +35,14 @@ def _frame_causal(b, h, q_idx, kv_idx):
     return q_idx // TOKENS_PER_FRAME >= kv_idx // TOKENS_PER_FRAME
 
 
-def _frame_causal_but_head_0(b, h, q_idx, kv_idx):
-    return (q_idx // TOKENS_PER_FRAME >= kv_idx // TOKENS_PER_FRAME) | (h == 0)
+def _frame_causal_but_head_0_of_sample_1(b, h, q_idx, kv_idx):
+    return (q_idx // TOKENS_PER_FRAME >= kv_idx // TOKENS_PER_FRAME) | ((h == 0) & (b == 1))
 
 
 class FlexSelfAttention(torch.nn.Module):
     """Self-attention by flex attention; ``per_head``: a ``score_mod`` reading a per-head scale
-    (a captured buffer indexed by ``h``) and a block mask per head from a ``mask_mod`` reading
-    ``h``; ``kv_heads``: grouped-query attention."""
+    (a captured buffer indexed by ``h``) and the sample index, and a block mask per sample and
+    head from a ``mask_mod`` reading both; ``kv_heads``: grouped-query attention."""
 
     def __init__(self, dim: int, heads: int, *, per_head: bool = False, kv_heads: int | None = None) -> None:
         super().__init__()
@@ -54,11 +60,11 @@ class FlexSelfAttention(torch.nn.Module):
         q = self.to_q(x).unflatten(2, (self.heads, -1)).transpose(1, 2)
         k, v = self.to_kv(x).unflatten(2, (2, self.kv_heads, -1)).permute(2, 0, 3, 1, 4)
         if self.per_head:
-            mask = create_block_mask(_frame_causal_but_head_0, None, self.heads, n, n, device=x.device)
+            mask = create_block_mask(_frame_causal_but_head_0_of_sample_1, x.shape[0], self.heads, n, n, device=x.device)
             scale = self.head_scale
 
             def score_mod(score, b, h, q_idx, kv_idx):
-                return score * scale[h] - 0.01 * (q_idx - kv_idx)
+                return score * scale[h] * (1 + 0.5 * b) - 0.01 * (q_idx - kv_idx)
         else:
             mask = create_block_mask(_frame_causal, None, None, n, n, device=x.device)
 
@@ -87,32 +93,57 @@ class TinyFlexVideo(torch.nn.Module):
         return y.permute(0, 4, 1, 2, 5, 3, 6).reshape(b, c, t, h, w)
 
 
-def _on_ranks(rank: int, world: int) -> dict:
-    import warnings
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
 
+
+def _run(mesh, batch: int) -> dict:
     import vdopt
     from vdopt.collectives import communication
     from vdopt.passes.analysis.attention import module_path
 
-    warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
     model = TinyFlexVideo().eval()
-    x = torch.randn(1, 4, FRAMES, HEIGHT, WIDTH)
+    x = torch.randn(batch, 4, FRAMES, HEIGHT, WIDTH)
     with torch.no_grad():
-        ref = model(x)
-        opt = vdopt.optimize(model, vdopt.Mesh(ulysses=world))
+        ref = model(x)  # the whole batch: attn2 reads the sample index, so a sample alone differs
+        opt = vdopt.optimize(model, mesh)
         out = opt(x)
     gm = opt.plans[0].program.gm
     gm = getattr(gm, "gm", gm)
     flex = {module_path(n): n.name for n in gm.graph.nodes if n.target is torch.ops.higher_order.flex_attention}
-    record = next(r for r in opt.plans[0].passes if r.name == "sequence_parallel")
-    return {"err": float((out - ref).abs().max() / ref.abs().max()),
+    record = next((r for r in opt.plans[0].passes if r.name == "sequence_parallel"), None)
+    return {"err": _rel(out, ref),
             "comms": [(c.kind, c.purpose) for c in communication(gm)],
-            "flex_nodes": flex, "flex_stats": record.stats.get("flex_attention", {})}
+            "flex_nodes": flex, "flex_stats": record.stats.get("flex_attention", {}) if record else {}}
+
+
+def _on_ranks(rank: int, world: int) -> dict:
+    import warnings
+
+    import vdopt
+
+    warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+    torch.manual_seed(0)
+    return {"ulysses": _run(vdopt.Mesh(ulysses=world), 1), "cfg": _run(vdopt.Mesh(cfg=world), world)}
+
+
+@pytest.fixture(scope="module")
+def outcomes() -> list[dict]:
+    return run_on_ranks(2, _on_ranks, timeout=600)
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-def test_flex_attention_head_parallel_under_ulysses() -> None:
-    for rank, got in enumerate(run_on_ranks(2, _on_ranks, timeout=600)):
+def test_flex_attention_per_sample_under_cfg(outcomes) -> None:
+    for rank, got in enumerate(r["cfg"] for r in outcomes):
+        assert got["err"] <= RTOL, f"rank {rank}: relative error {got['err']:.2e}"
+        # only the output is gathered (over the batch): no flex attention runs on the whole batch
+        assert [kind for kind, _ in got["comms"]] == ["all_gather"], got["comms"]
+        assert got["comms"][0][1] == "output", got["comms"]
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_attention_head_parallel_under_ulysses(outcomes) -> None:
+    for rank, got in enumerate(r["ulysses"] for r in outcomes):
         assert got["err"] <= RTOL, f"rank {rank}: relative error {got['err']:.2e}"
         comms, stats, nodes = got["comms"], got["flex_stats"], got["flex_nodes"]
         # attn1 and attn2: Q, K, V sequence -> heads and the output back, no gather before them
@@ -121,7 +152,7 @@ def test_flex_attention_head_parallel_under_ulysses() -> None:
             assert stats[name].startswith("ulysses"), stats
             gathers = [c for c in comms if c[0] == "all_gather" and c[1] in (name, f"gather before {nodes[name]}")]
             assert not gathers, comms
-        assert "global head indices" in stats["attn2"], stats
+        assert "score_mod (head), mask_mod (head) given global indices" in stats["attn2"], stats
         # attn3 (grouped-query heads that do not divide): q, k and v gathered, and the report says why
         assert comms.count(("all_gather", f"gather before {nodes['attn3']}")) == 3, comms
         assert not [c for c in comms if c[1] == "attn3"], comms

@@ -39,6 +39,8 @@ from torch.utils import _pytree as pytree
 
 from vdopt.mesh import AxisGroup
 from vdopt.passes.dims.emit import Emitter, resized
+from vdopt.passes.dims.flex_local import split_batch_flex_attention
+from vdopt.passes.dims.need_gather import NeedGather
 from vdopt.passes.dims.rules import FLEX_ATTENTION, DimOp, arg, dim_args, dim_map, op_rule, permutation, with_arg
 from vdopt.passes.dims.sharded_shape import Dim, Factor, ShardedShape, Split, map_reshape
 from vdopt.passes.dims.split_ends import pad_end, trim_end
@@ -52,10 +54,6 @@ _PARTIAL_OPS = {aten.sum.dim_IntList: "sum", aten.sum.default: "sum", aten.mean.
 """Reductions a rank can run on its own rows of a split dim, and how the ranks' partial results
 combine (``all_reduce``'s op; a mean is a sum divided by the global count)."""
 _MEAN_AS_SUM = {aten.mean.dim: aten.sum.dim_IntList, aten.mean.default: aten.sum.default}
-
-
-class NeedGather(Exception):
-    """A rule cannot keep its inputs sharded: gather them and run the op replicated."""
 
 
 def _is_tensor_node(a: Any) -> bool:
@@ -539,6 +537,9 @@ class ShardPropagator:
         x = node.args[0]
         layout = self.layout(x)
         out = self._out_shape(node)
+        if math.prod(layout.shape) == 0:  # no values: every rank's (empty) result is the whole one
+            node.target, node.args, node.kwargs = resized(node.target, node.args, node.kwargs, out)
+            return None
         new = map_reshape(layout, out)
         if new is None:
             raise NeedGather(f"reshape {layout.describe()} -> {list(out)} cuts a split factor")
@@ -667,15 +668,31 @@ class ShardPropagator:
         self._localize_operands(node, in_layout)
         return layout
 
-    def rule_mix_within(self, node: torch.fx.Node) -> ShardedShape | None:
-        """Norms and softmax: values mix along some dims, the shape stays."""
+    def rule_mix_within(self, node: torch.fx.Node) -> Any:
+        """Norms, softmax, sort: values mix along some dims, the shape stays (for every output)."""
         layout = self.layout(node.args[0])
         if any(layout.dims[i].sharded for i in dim_map(node).mixed):
             raise NeedGather("normalizes over a split dim")
         for a in pytree.tree_leaves((node.args[1:], node.kwargs)):
             if isinstance(a, torch.fx.Node) and self.is_sharded(a):
                 raise NeedGather("weight is sharded")
-        return layout
+        val = node.meta.get("val")
+        return tuple(layout for _ in val) if isinstance(val, (tuple, list)) else layout
+
+    def rule_take_along(self, node: torch.fx.Node) -> ShardedShape | None:
+        """``gather``: the input's and index's other dims pair up elementwise, so they may be split
+        alike (where both have the output's size); the dim picked along must be whole."""
+        (dim,) = dim_args(node)
+        out = self._out_shape(node)
+        lays = [self.layout(a) for a in (node.args[0], arg(node, "index")) if self.is_sharded(a)]
+        for lay in lays:
+            if lay.dims[dim].sharded:
+                raise NeedGather("picks along a split dim")
+            if any(lay.dims[d].size != out[d] for d in lay.sharded_dims):
+                raise NeedGather("input split along a dim the index covers only in part")
+        layout = self._merge_dims(out, lays)
+        self._localize_operands(node, layout)
+        return self._finish(layout)
 
     def rule_reduction(self, node: torch.fx.Node) -> ShardedShape | None:
         layout = self.layout(node.args[0])
@@ -861,12 +878,15 @@ class ShardPropagator:
         return self.local_sdpa(node)
 
     def rule_flex_attention(self, node: torch.fx.Node) -> tuple:
-        """flex attention's mask and score modifications index whole sequences: only the
-        ``seq_attention`` callback can keep it sharded (head-parallel, Ulysses); else gather."""
+        """flex attention's mask and score modifications index whole sequences: with the
+        sequence split only the ``seq_attention`` callback can keep it sharded (head-parallel,
+        Ulysses); with the batch split each rank attends its own samples (``flex_local.py``)."""
         lq = self.layout(node.args[0])
-        if self.seq_attention is None or lq is None or not lq.dims[2].sharded:
-            raise NeedGather("flex_attention runs on whole sequences (no rule for split batch or heads)")
-        return self.seq_attention(self, node)
+        if lq is not None and lq.dims[2].sharded:
+            if self.seq_attention is None:
+                raise NeedGather("flex_attention runs on whole sequences")
+            return self.seq_attention(self, node)
+        return split_batch_flex_attention(self, node)
 
     def gather_factor(self, x: torch.fx.Node, layout: ShardedShape, dim: int, j: int,
                       purpose: str) -> tuple[torch.fx.Node, ShardedShape]:
@@ -917,6 +937,7 @@ class ShardPropagator:
         DimOp.RESHAPE: rule_reshape, DimOp.PERMUTE: rule_permute, DimOp.EXPAND: rule_expand,
         DimOp.SLICE: rule_slice, DimOp.SELECT: rule_select, DimOp.SPLIT: rule_split, DimOp.CAT: rule_cat,
         DimOp.STACK: rule_stack, DimOp.NORMALIZE: rule_mix_within, DimOp.ALONG: rule_mix_within,
+        DimOp.TAKE_ALONG: rule_take_along,
         DimOp.REDUCE: rule_reduction, DimOp.LINEAR: rule_linear, DimOp.PER_SAMPLE: rule_per_sample,
         DimOp.MATMUL: rule_matmul, DimOp.EINSUM: rule_einsum, DimOp.REPEAT_INTERLEAVE: rule_repeat_interleave,
         DimOp.PAD: rule_pad, DimOp.METADATA: rule_metadata, DimOp.NEW: rule_new_tensor,

@@ -65,7 +65,10 @@ class DimOp(enum.Enum):
     NORMALIZE = "normalize"
     """Values mixed along the trailing ``normalized_shape`` dims; shape kept (layer/RMS norm)."""
     ALONG = "along"
-    """Values mixed along one dim; shape kept (softmax, cumsum)."""
+    """Values mixed along one dim; shape kept (softmax, cumsum; sort: values and indices)."""
+    TAKE_ALONG = "take_along"
+    """Values picked along one dim at an index tensor's positions (``gather``); every other dim
+    elementwise between the input and the index (whose shape the output has)."""
     LINEAR = "linear"
     """The last dim contracted with a weight (``linear``); the other dims kept."""
     MATMUL = "matmul"
@@ -143,7 +146,8 @@ def _rule_table() -> dict[Any, OpRule]:
     reduce = [aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default,
               aten.var.correction, aten.std.correction, aten.linalg_vector_norm.default]
     along = [aten.softmax.int, aten._softmax.default, aten.log_softmax.int, aten._log_softmax.default,
-             aten.cumsum.default]
+             aten.cumsum.default, aten.cumsum_.default, aten.sort.default, aten.sort.stable,
+             aten.argsort.default, aten.argsort.stable]
     per_sample = [
         aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default,
         aten.conv_transpose2d.input, aten.conv_transpose3d.input, aten.group_norm.default,
@@ -182,6 +186,7 @@ def _rule_table() -> dict[Any, OpRule]:
         aten.layer_norm.default: R(DimOp.NORMALIZE, sizes="normalized_shape"),
         aten.rms_norm.default: R(DimOp.NORMALIZE, sizes="normalized_shape"),
         **{op: R(DimOp.ALONG, dims=("dim",)) for op in along},
+        aten.gather.default: R(DimOp.TAKE_ALONG, dims=("dim",)),
         aten.linear.default: R(DimOp.LINEAR),
         aten.matmul.default: R(DimOp.MATMUL),
         aten.mm.default: R(DimOp.MATMUL),
