@@ -684,13 +684,14 @@ class ShardPropagator:
         alike (where both have the output's size); the dim picked along must be whole."""
         (dim,) = dim_args(node)
         out = self._out_shape(node)
-        lays = [self.layout(a) for a in (node.args[0], arg(node, "index")) if self.is_sharded(a)]
-        for lay in lays:
-            if lay.dims[dim].sharded:
-                raise NeedGather("picks along a split dim")
-            if any(lay.dims[d].size != out[d] for d in lay.sharded_dims):
-                raise NeedGather("input split along a dim the index covers only in part")
+        operands = (node.args[0], arg(node, "index"))
+        lays = [self.layout(a) for a in operands if self.is_sharded(a)]
+        if any(lay.dims[dim].sharded for lay in lays):
+            raise NeedGather("picks along a split dim")
         layout = self._merge_dims(out, lays)
+        split = {d for lay in lays for d in lay.sharded_dims}
+        if any(self.global_shape(a)[d] != out[d] for a in operands for d in split):
+            raise NeedGather("the index covers only part of the input along a split dim")
         self._localize_operands(node, layout)
         return self._finish(layout)
 
