@@ -7,6 +7,11 @@ shards one input along its token dim with ``ShardPropagator`` (the dimension cor
 analysis), runs the rewritten graph on 2 ranks and compares with eager PyTorch, for an even
 and an uneven token count (8 and 7: the ranks hold 4+4 and 4+3 tokens), and with zero
 padding grown onto the last rank's chunk.
+
+Ops along a whole dim of split tokens (sort, gather, flip, tiling, lookups, outer products,
+slices of replicated text rows beside the tokens) run with no collective at all; picking along
+the split dim gathers first. With the batch split instead (CFG parallel), a loop over the
+samples runs each rank's own iteration and joins the results with no collective.
 """
 
 from __future__ import annotations
@@ -80,6 +85,24 @@ def empty_reshape(x, w):
     return x @ w + x[:, :, :0].reshape(-1).sum()
 
 
+def tile_flip_narrow(x, w):
+    """Tiling, flipping, narrowing and logical ops along whole dims of split tokens: local."""
+    y = torch.flip(x @ w, dims=[-1]).repeat(2, 1, 2)[:2, :, :8] + torch.narrow(x, 2, 1, 7).repeat(1, 1, 2)[..., :8]
+    return y * ((x > 0) & (x < 1)).to(x.dtype)
+
+
+def lookup_outer(x, w):
+    """An embedding looked up by split token ids, and an outer product with split tokens: local."""
+    ids = (x[..., 0].abs() * 3).long().clamp(max=7)
+    return F.embedding(ids, w) + torch.outer(x[0, :, 0], w[0])
+
+
+def text_then_tokens(x, w):
+    """Replicated text rows before the split tokens, then each part sliced back out: local."""
+    y = torch.cat([w[:3].expand(x.shape[0], 3, 8), x @ w], dim=1)
+    return y[:, 3:] * y[:, :3].sum(1, keepdim=True)
+
+
 def gather_tokens(x, w):
     """Picking along the split tokens: gathered first (exact)."""
     order = torch.arange(x.shape[1] - 1, -1, -1).expand(x.shape[0], -1).unsqueeze(-1).expand_as(x)
@@ -95,7 +118,7 @@ def gather_first_tokens(x, w):
 
 CASES = {f.__name__: f for f in (token_sum, token_mean_keepdim, token_max, sum_all, kv_contraction,
                                   einsum_contraction, sana_linear_attention, padded_mean, right_operand_split)}
-LOCAL_CASES = {f.__name__: f for f in (sort_channels, empty_reshape)}
+LOCAL_CASES = {f.__name__: f for f in (sort_channels, empty_reshape, tile_flip_narrow, lookup_outer, text_then_tokens)}
 """Ops that mix values along a whole dim of split tokens: no collective at all."""
 GATHERED_CASES = {"gather_tokens": (gather_tokens, "picks along a split dim"),
                   "gather_first_tokens": (gather_first_tokens, "covers only part of the input")}
@@ -111,6 +134,21 @@ class _Fn(torch.nn.Module):
         return self.fn(x, w)
 
 
+def per_sample_loop(x, w):
+    """A loop over the samples of a split batch (diffusers' Mochi attention): each rank runs its
+    own sample's iteration, the others on empty tensors; the results joined in rank order."""
+    return torch.cat([(x[i:i + 1] @ w).softmax(-1) * (i + 1) for i in range(x.shape[0])])
+
+
+def per_sample_split(x, w):
+    """The same loop over ``x.split(1)``."""
+    return torch.cat([torch.flip(part @ w, dims=[1]) for part in x.split(1)])
+
+
+BATCH_CASES = {f.__name__: f for f in (per_sample_loop, per_sample_split)}
+"""Run with the batch split (CFG parallel) instead of the tokens: no collective at all."""
+
+
 def _run(rank: int, world: int, tokens_list: tuple[int, ...]) -> dict:
     import vdopt
     from vdopt.collectives import communication
@@ -123,14 +161,16 @@ def _run(rank: int, world: int, tokens_list: tuple[int, ...]) -> dict:
         gen = torch.Generator().manual_seed(tokens)
         x = torch.randn(2, tokens, 8, generator=gen, dtype=torch.float64)
         w = torch.randn(8, 8, generator=gen, dtype=torch.float64) / 3
-        for name, fn in (CASES | LOCAL_CASES | {n: f for n, (f, _) in GATHERED_CASES.items()}).items():
+        split_tokens = ShardedShape((Dim.plain(2), Dim((Factor("TS", tokens, Split.balanced(tokens, (group,))),)), Dim.plain(8)))
+        split_batch = ShardedShape((Dim((Factor("B", 2, Split.balanced(2, (group,))),)), Dim.plain(tokens), Dim.plain(8)))
+        cases = {name: (fn, split_tokens) for name, fn in (CASES | LOCAL_CASES).items()}
+        cases |= {name: (fn, split_tokens) for name, (fn, _) in GATHERED_CASES.items()}
+        cases |= {name: (fn, split_batch) for name, fn in BATCH_CASES.items()}
+        for name, (fn, layout) in cases.items():
             gm = torch.export.export(_Fn(fn), (x, w)).module()
             xs = next(n for n in gm.graph.nodes if n.op == "placeholder")
             prop = ShardPropagator(gm, created_by="test")
-            split = Split.balanced(tokens, (group,))
-            # export's guards check the whole input
-            prop.shard(xs, ShardedShape((Dim.plain(2), Dim((Factor("TS", tokens, split),)), Dim.plain(8))),
-                       skip=lambda u: u.op == "call_module")
+            prop.shard(xs, layout, skip=lambda u: u.op == "call_module")  # export's guards check the whole input
             prop.run()
             gm.graph.eliminate_dead_code()
             gm.recompile()
@@ -163,12 +203,12 @@ def test_reduction_over_split_tokens(outcomes, name: str, tokens: int) -> None:
 
 
 @pytest.mark.parametrize("tokens", [8, 7])
-@pytest.mark.parametrize("name", list(LOCAL_CASES) + list(GATHERED_CASES))
+@pytest.mark.parametrize("name", list(LOCAL_CASES) + list(GATHERED_CASES) + list(BATCH_CASES))
 def test_ops_along_a_dim_of_split_tokens(outcomes, name: str, tokens: int) -> None:
     for rank, per_rank in enumerate(outcomes):
         o = per_rank[(name, tokens)]
         assert o["err"] <= RTOL, f"rank {rank}: relative error {o['err']:.2e}"
-        if name in LOCAL_CASES:
+        if name in LOCAL_CASES or name in BATCH_CASES:
             assert not o["gathers"] and not o["collectives"], f"rank {rank}: {o['gathers']} {o['collectives']}"
         else:
             assert o["gathers"] and GATHERED_CASES[name][1] in o["gathers"][0], f"rank {rank}: {o['gathers']}"

@@ -133,7 +133,7 @@ class Emitter:
         return self.permute(x, order)
 
     def cat(self, xs: Sequence[torch.fx.Node], dim: int) -> torch.fx.Node:
-        xs = [x for x in xs if self.shape(x)[dim] > 0]
+        xs = [x for x in xs if self.shape(x)[dim] > 0] or list(xs[:1])  # all empty: the empty result
         return xs[0] if len(xs) == 1 else self.call(aten.cat.default, (list(xs), dim))
 
     def contiguous(self, x: torch.fx.Node) -> torch.fx.Node:

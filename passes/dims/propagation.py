@@ -28,6 +28,7 @@ Legend: B batch, N heads, L sequence, D head dim.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections import Counter
@@ -41,9 +42,10 @@ from vdopt.mesh import AxisGroup
 from vdopt.passes.dims.emit import Emitter, resized
 from vdopt.passes.dims.flex_local import split_batch_flex_attention
 from vdopt.passes.dims.need_gather import NeedGather
-from vdopt.passes.dims.rules import FLEX_ATTENTION, DimOp, arg, dim_args, dim_map, op_rule, permutation, with_arg
+from vdopt.passes.dims.rules import (FLEX_ATTENTION, DimOp, arg, dim_args, dim_map, op_rule, permutation, shape_of,
+                                     with_arg)
 from vdopt.passes.dims.sharded_shape import Dim, Factor, ShardedShape, Split, map_reshape
-from vdopt.passes.dims.split_ends import pad_end, trim_end
+from vdopt.passes.dims.split_chunks import join_chunks, pad_end, slice_rows
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +177,8 @@ class ShardPropagator:
                 layout = self.rule(node)
         except NeedGather as why:
             reason = f"{node.name} ({node.target}): {why}"
-            log.debug("gather before %s", reason)
+            log.debug("gather before %s; split inputs: %s", reason, ", ".join(
+                f"{a.name} {lay.describe()}" for a in node.all_input_nodes if (lay := self.layout(a)) is not None))
             self.gather_reasons.append(reason)
             self._gather_args(node, f"gather before {node.name}")
             return
@@ -462,7 +465,8 @@ class ShardPropagator:
         """Output dims from broadcast-aligned input layouts; split dims must agree."""
         dims = []
         for i, size in enumerate(out_shape):
-            cands = [lay.dims[i] for lay in layouts if lay.dims[i].size == size and size != 1]
+            # a size-1 dim broadcasts, unless split (a batch of 1 held by one rank, split_chunks.py)
+            cands = [lay.dims[i] for lay in layouts if lay.dims[i].size == size and (size != 1 or lay.dims[i].sharded)]
             sharded = [c for c in cands if c.sharded]
             if sharded:
                 if any(c.placement() != sharded[0].placement() for c in sharded):
@@ -486,7 +490,7 @@ class ShardPropagator:
                 return a
             offset = nd - len(shape)
             need = [(e, layout.dims[e + offset]) for e in range(len(shape))
-                    if layout.dims[e + offset].sharded and shape[e] == layout.dims[e + offset].size and shape[e] != 1]
+                    if layout.dims[e + offset].sharded and shape[e] == layout.dims[e + offset].size]
             return self.localize(a, need) if need else a
 
         node.args = pytree.tree_map_only(torch.fx.Node, fix, node.args)
@@ -570,6 +574,12 @@ class ShardPropagator:
         layout = self.layout(x)
         (dim,) = dim_args(node)
         d = layout.dims[dim]
+        if node.target is aten.narrow.default:  # (x, dim, start, length): rows [start, start + length)
+            start, length = arg(node, "start"), arg(node, "length")
+            if not (isinstance(start, int) and isinstance(length, int)):
+                raise NeedGather("slice bounds computed at run time (a data-dependent length)")
+            start = start + d.size if start < 0 else start
+            node.target, node.args, node.kwargs = aten.slice.Tensor, (x, dim, start, start + length), {}
         start = node.args[2] if len(node.args) > 2 else None
         end = node.args[3] if len(node.args) > 3 else None
         step = node.args[4] if len(node.args) > 4 else 1
@@ -587,20 +597,11 @@ class ShardPropagator:
             raise NeedGather("strided slice of a split dim")
         if (s, e) == (0, size):
             return layout
-        regions = {
-            (0, d.pre): (0, d.pre, Dim.plain(d.pre)),
-            (d.pre, d.pre + d.body): (d.pre, d.pre + d.local_body, Dim(d.factors)),
-            (d.pre + d.body, size): (d.pre + d.local_body, d.local_size, Dim.plain(d.post)),
-        }
-        if not d.joint or (s, e) not in regions or s == e:
-            trimmed = trim_end(d, s, e)  # a Skiparse block's padding cut off the last chunk
-            if trimmed is None:
-                raise NeedGather("slice of part of a split dim")
-            new, local_end = trimmed
-            node.args = (x, dim, 0, local_end) + tuple(node.args[4:])
-            return self._finish(layout.with_dim(dim, new))
-        ls, le, new = regions[(s, e)]
-        node.args = (x, dim, ls, le) + tuple(node.args[5:])
+        kept = slice_rows(d, s, e)  # each rank keeps its own rows in the range
+        if kept is None:
+            raise NeedGather("slice of part of a split dim")
+        new, local_start, local_end = kept
+        node.args = (x, dim, local_start, local_end) + tuple(node.args[5:])
         return self._finish(layout.with_dim(dim, new))
 
     def rule_select(self, node: torch.fx.Node) -> Any:
@@ -621,15 +622,14 @@ class ShardPropagator:
         sizes = [int(v.shape[dim]) for v in node.meta["val"]]
         if not d.sharded:
             return tuple(self._finish(layout.with_dim(dim, Dim.plain(s))) for s in sizes)
-        parts = [p for p in ((d.pre, "pre"), (d.body, "body"), (d.post, "post")) if p[0]]
-        if [p[0] for p in parts] != sizes:
+        starts = [0, *itertools.accumulate(sizes)][:-1]
+        kept = [slice_rows(d, s, s + n) for s, n in zip(starts, sizes)]
+        if any(k is None for k in kept):
             raise NeedGather("split of a split dim")
-        local = {"pre": d.pre, "body": d.local_body, "post": d.post}
-        new = {"pre": Dim.plain(d.pre), "body": Dim(d.factors), "post": Dim.plain(d.post)}
         node.target = aten.split_with_sizes.default
-        node.args = (x, [local[name] for _, name in parts], dim)
+        node.args = (x, [end - start for _, start, end in kept], dim)
         node.kwargs = {}
-        return tuple(self._finish(layout.with_dim(dim, new[name])) for _, name in parts)
+        return tuple(self._finish(layout.with_dim(dim, new)) for new, _, _ in kept)
 
     def rule_cat(self, node: torch.fx.Node) -> ShardedShape | None:
         xs = list(node.args[0])
@@ -643,7 +643,12 @@ class ShardPropagator:
             self._localize_operands(node, layout)
             return self._finish(layout)
         if len(along) > 1:
-            raise NeedGather("concatenation of two split tensors along their split dim")
+            joined = join_chunks([self.layout(x).dims[dim] for x in along]) if len(along) == len(xs) else None
+            if joined is None:
+                raise NeedGather("concatenation of two split tensors along their split dim")
+            layout = self._merge_dims(out, others).with_dim(dim, joined)
+            self._localize_operands(node, layout)
+            return layout
         k = xs.index(along[0])
         dk = self.layout(along[0]).dims[dim]
         before = sum(self.global_shape(x)[dim] for x in xs[:k])
@@ -694,6 +699,53 @@ class ShardPropagator:
             raise NeedGather("the index covers only part of the input along a split dim")
         self._localize_operands(node, layout)
         return self._finish(layout)
+
+    def rule_index(self, node: torch.fx.Node) -> ShardedShape | None:
+        """One replicated index tensor picks along one dim (``x[:, idx]``, ``index_select``): the
+        other dims keep their split; the picked dim must be whole."""
+        x = node.args[0]
+        if node.target is aten.index_select.default:
+            (dim,), index = dim_args(node), arg(node, "index")
+        else:
+            picks = [(i, t) for i, t in enumerate(node.args[1]) if t is not None]
+            if len(picks) != 1:
+                raise NeedGather("indexing by several tensors")
+            (dim, index), = picks
+        layout = self.layout(x)
+        if layout is None or self.is_sharded(index):
+            raise NeedGather("split index tensor")
+        if index.meta["val"].dtype is torch.bool:
+            raise NeedGather("boolean mask index")
+        if layout.dims[dim].sharded:
+            raise NeedGather("picks along a split dim")
+        out = shape_of(node)  # the picked count may be unbacked (an index from nonzero)
+        picked = out[dim:len(out) - (len(layout.dims) - dim - 1)]
+        return self._finish(ShardedShape(layout.dims[:dim] + tuple(Dim.plain(n) for n in picked) + layout.dims[dim + 1:]))
+
+    def rule_lookup(self, node: torch.fx.Node) -> ShardedShape | None:
+        weight, indices = node.args[:2]
+        if self.is_sharded(weight):
+            raise NeedGather("split embedding table")
+        return self._finish(ShardedShape(self.layout(indices).dims + (Dim.plain(self._out_shape(node)[-1]),)))
+
+    def rule_outer(self, node: torch.fx.Node) -> ShardedShape | None:
+        dims = tuple(self.layout(v).dims[0] if self.is_sharded(v) else Dim.plain(n)
+                     for v, n in zip(node.args[:2], self._out_shape(node)))
+        axes = [a.axis for d in dims for f in d.factors if f.split is not None for a in f.split.axes]
+        if len(axes) != len(set(axes)):
+            raise NeedGather("both vectors split over one mesh axis")
+        return ShardedShape(dims)
+
+    def rule_repeat(self, node: torch.fx.Node) -> ShardedShape | None:
+        repeats = list(arg(node, "repeats"))
+        layout = self.layout(node.args[0])
+        new = len(repeats) - len(layout.dims)
+        if any(d.sharded and r != 1 for d, r in zip(layout.dims, repeats[new:])):
+            raise NeedGather("tiles a split dim")
+        out = self._out_shape(node)
+        dims = tuple(Dim.plain(n) for n in out[:new]) + tuple(
+            d if r == 1 else Dim.plain(n) for d, r, n in zip(layout.dims, repeats[new:], out[new:]))
+        return self._finish(ShardedShape(dims))
 
     def rule_reduction(self, node: torch.fx.Node) -> ShardedShape | None:
         layout = self.layout(node.args[0])
@@ -938,7 +990,8 @@ class ShardPropagator:
         DimOp.RESHAPE: rule_reshape, DimOp.PERMUTE: rule_permute, DimOp.EXPAND: rule_expand,
         DimOp.SLICE: rule_slice, DimOp.SELECT: rule_select, DimOp.SPLIT: rule_split, DimOp.CAT: rule_cat,
         DimOp.STACK: rule_stack, DimOp.NORMALIZE: rule_mix_within, DimOp.ALONG: rule_mix_within,
-        DimOp.TAKE_ALONG: rule_take_along,
+        DimOp.TAKE_ALONG: rule_take_along, DimOp.INDEX: rule_index, DimOp.LOOKUP: rule_lookup,
+        DimOp.OUTER: rule_outer, DimOp.REPEAT: rule_repeat,
         DimOp.REDUCE: rule_reduction, DimOp.LINEAR: rule_linear, DimOp.PER_SAMPLE: rule_per_sample,
         DimOp.MATMUL: rule_matmul, DimOp.EINSUM: rule_einsum, DimOp.REPEAT_INTERLEAVE: rule_repeat_interleave,
         DimOp.PAD: rule_pad, DimOp.METADATA: rule_metadata, DimOp.NEW: rule_new_tensor,

@@ -69,6 +69,15 @@ class DimOp(enum.Enum):
     TAKE_ALONG = "take_along"
     """Values picked along one dim at an index tensor's positions (``gather``); every other dim
     elementwise between the input and the index (whose shape the output has)."""
+    INDEX = "index"
+    """Positions picked along one dim by one index tensor (``x[:, idx]``, ``index_select``): that
+    dim replaced by the index's dims, the others kept."""
+    LOOKUP = "lookup"
+    """Rows of a table picked by an index tensor (``embedding``): the index's dims, then a row."""
+    OUTER = "outer"
+    """The outer product of two vectors: the first one's dim, then the second one's."""
+    REPEAT = "repeat"
+    """The tensor tiled ``repeats`` times per dim (leading ``repeats`` entries add new dims)."""
     LINEAR = "linear"
     """The last dim contracted with a weight (``linear``); the other dims kept."""
     MATMUL = "matmul"
@@ -147,7 +156,7 @@ def _rule_table() -> dict[Any, OpRule]:
               aten.var.correction, aten.std.correction, aten.linalg_vector_norm.default]
     along = [aten.softmax.int, aten._softmax.default, aten.log_softmax.int, aten._log_softmax.default,
              aten.cumsum.default, aten.cumsum_.default, aten.sort.default, aten.sort.stable,
-             aten.argsort.default, aten.argsort.stable]
+             aten.argsort.default, aten.argsort.stable, aten.flip.default]
     per_sample = [
         aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default,
         aten.conv_transpose2d.input, aten.conv_transpose3d.input, aten.group_norm.default,
@@ -159,18 +168,21 @@ def _rule_table() -> dict[Any, OpRule]:
         **{op: R(DimOp.IDENTITY) for op in identity},
         aten.type_as.default: R(DimOp.IDENTITY, operands=1),
         aten.copy_.default: R(DimOp.POINTWISE, operands=2, inplace=True),
+        aten.fill_.Tensor: R(DimOp.POINTWISE, inplace=True),  # a 0-d value tensor
         # pointwise, whether or not this torch version tags them so
         aten.view_as_complex.default: R(DimOp.COMPLEX_VIEW),
         aten.view_as_real.default: R(DimOp.COMPLEX_VIEW),
         aten.masked_fill.Scalar: R(DimOp.POINTWISE),
         aten.masked_fill.Tensor: R(DimOp.POINTWISE),
         aten.where.self: R(DimOp.POINTWISE),
+        **{op: R(DimOp.POINTWISE) for op in (aten.__and__.Tensor, aten.__or__.Tensor, aten.__xor__.Tensor)},
         aten.expand_as.default: R(DimOp.POINTWISE),  # broadcast to the other's shape
         aten.permute.default: R(DimOp.PERMUTE, dims=("dims",)),
         aten.transpose.int: R(DimOp.PERMUTE, dims=("dim0", "dim1")),
         aten.t.default: R(DimOp.PERMUTE),
         aten.expand.default: R(DimOp.EXPAND, sizes="size"),
         aten.slice.Tensor: R(DimOp.SLICE, dims=("dim",)),
+        aten.narrow.default: R(DimOp.SLICE, dims=("dim",)),  # rewritten to the slice of its rows
         aten.select.int: R(DimOp.SELECT, dims=("dim",)),
         aten.unbind.int: R(DimOp.SELECT, dims=("dim",)),
         aten.split.Tensor: R(DimOp.SPLIT, dims=("dim",), sizes="split_size"),
@@ -185,8 +197,13 @@ def _rule_table() -> dict[Any, OpRule]:
         aten.mean.default: R(DimOp.REDUCE),
         aten.layer_norm.default: R(DimOp.NORMALIZE, sizes="normalized_shape"),
         aten.rms_norm.default: R(DimOp.NORMALIZE, sizes="normalized_shape"),
-        **{op: R(DimOp.ALONG, dims=("dim",)) for op in along},
+        **{op: R(DimOp.ALONG, dims=("dims",) if op is aten.flip.default else ("dim",)) for op in along},
         aten.gather.default: R(DimOp.TAKE_ALONG, dims=("dim",)),
+        aten.index.Tensor: R(DimOp.INDEX),
+        aten.embedding.default: R(DimOp.LOOKUP),
+        aten.outer.default: R(DimOp.OUTER),
+        aten.repeat.default: R(DimOp.REPEAT, sizes="repeats"),
+        aten.index_select.default: R(DimOp.INDEX, dims=("dim",)),
         aten.linear.default: R(DimOp.LINEAR),
         aten.matmul.default: R(DimOp.MATMUL),
         aten.mm.default: R(DimOp.MATMUL),

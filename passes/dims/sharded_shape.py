@@ -30,7 +30,8 @@ class Split:
     axes: tuple[AxisGroup, ...]
     """Mesh axes the factor is split over; the chunk index is row-major over their ranks."""
     sizes: tuple[int, ...]
-    """Chunk length per chunk index (uneven sizes allowed, each at least 1)."""
+    """Chunk length per chunk index (uneven sizes allowed, each at least 1; a batch factor cut by
+    a per-sample slice may hold 0 on some ranks, ``dims/split_chunks.py``)."""
 
     @staticmethod
     def balanced(size: int, axes: Sequence[AxisGroup]) -> "Split":

@@ -11,7 +11,7 @@ regrouped sequence is split in contiguous chunks again (the dims core keeps the 
 the reshape, ``dims/sharded_shape._outer_part``); attention over it then runs like any
 other (Ulysses all-to-alls, Ring). So the token split is chosen in multiples of k*k
 (``token_split``): uneven by at most k*k tokens, the padding landing on the last rank only
-(``dims/split_ends.py``). Where there are too few k*k runs to give every rank one, the split
+(``dims/split_chunks.py``). Where there are too few k*k runs to give every rank one, the split
 stays balanced and the regroup gathers the tokens first: exact, only slower.
 
 PipeFusion splits the latent into patches and runs each patch's tokens through the blocks on
