@@ -410,6 +410,10 @@ def dim_map(node: torch.fx.Node) -> DimMap | None:
     if kind is DimOp.MATMUL:
         shift = len(out_shape) - rank
         return DimMap(tuple(d + shift for d in keep), frozenset({rank - 1}))
+    if kind is DimOp.REPEAT:  # a tiled dim mixes copies of every row; leading repeats add dims
+        repeats = list(arg(node, rule.sizes))
+        shift = len(repeats) - rank
+        return DimMap(tuple(d + shift for d in keep), frozenset(d for d in keep if repeats[d + shift] != 1))
     if kind is DimOp.PER_SAMPLE:
         return DimMap(keep, frozenset(range(1, rank)))
     if kind is DimOp.COMPLEX_VIEW:

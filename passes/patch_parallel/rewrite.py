@@ -214,7 +214,7 @@ class _Rewriter:
         x = first_input(node)
         slab = self.slab_of(x)
         if rule is None or slab is None:
-            return self.movedim(node) if target is aten.movedim.int else self.repeat(node)
+            return self.movedim(node)
         if rule.kind is DimOp.RESHAPE and target not in (aten.unsqueeze.default, aten.squeeze.dim,
                                                           aten.squeeze.dims, aten.squeeze.default):
             out = reshape_slab(slab, shape_of(x), shape_of(node))
@@ -256,17 +256,6 @@ class _Rewriter:
         order.insert(node.args[2] % rank, order.pop(node.args[1] % rank))
         new = self.em.copy(node, node.target, self.map_args(node.args), self.map_args(node.kwargs))
         return new, self.slab_of(x).moved(order.index(self.slab_of(x).dim))
-
-    def repeat(self, node: torch.fx.Node) -> tuple[torch.fx.Node, Slab] | None:
-        if node.target is not aten.repeat.default:
-            return None
-        x, repeats = node.args[0], list(node.args[1])
-        slab = self.slab_of(x)
-        shift = len(repeats) - len(shape_of(x))
-        if repeats[slab.dim + shift] != 1:
-            return None
-        new = self.em.copy(node, node.target, self.map_args(node.args), self.map_args(node.kwargs))
-        return new, slab.moved(slab.dim + shift)
 
 
 def _align(graph: torch.fx.Graph, cut: torch.fx.Node, dim: int) -> int:
