@@ -142,9 +142,6 @@ def _check(outcomes: list[dict], strategy: str = "single", name: str = "") -> No
         assert "error" not in o, f"rank {rank}: {o['error']}\n{o.get('trace', '')}"
         assert o["err"] <= RTOL, f"rank {rank}: relative error {o['err']:.2e}"
         assert o["batch_err"] <= RTOL_BATCH, f"rank {rank}: relative error {o['batch_err']:.2e} against the whole batch"
-        # the loop's slices, index and cat keep the split (the text mask's selects and un-patchify gather)
-        loop_ops = [p for p in o["gathered_before"] if p.split()[-1].rstrip("_0123456789") in ("slice", "index", "cat")]
-        assert not loop_ops, o["gathered_before"]
         if want is not None:
             assert o["comms"].get(want, 0) > 0, f"rank {rank}: no {want} ({o['comms']})"
 
